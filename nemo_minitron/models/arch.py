@@ -1,0 +1,124 @@
+"""Typed architecture description of a Llama-family decoder and its Megatron-Core TransformerConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Shape of a Llama / Mistral / Qwen2-style decoder (RMSNorm, SwiGLU, RoPE, GQA), Megatron-Core names."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    kv_channels: int  # head dim; kept explicit so pruning heads or hidden size never changes it
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    add_qkv_bias: bool = False  # Qwen2
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "vocab_size", "kv_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"arch.{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"arch.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"arch.num_query_groups ({self.num_query_groups})"
+            )
+
+    def replace(self, **changes) -> "ModelArch":
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of the Megatron-Core model (norm weights included, no biases but QKV's)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
+        qkv_out = (self.num_attention_heads + 2 * self.num_query_groups) * d
+        attention = h * qkv_out + self.num_attention_heads * d * h + (qkv_out if self.add_qkv_bias else 0)
+        mlp = 2 * h * f + f * h
+        per_layer = attention + mlp + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelArch":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"arch: unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelArch":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def transformer_config(arch: ModelArch, *, transformer_impl: str = "local", fp8: str | None = None,
+                       params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
+    """Megatron-Core TransformerConfig for ``arch`` under the current parallel state.
+
+    transformer_impl: "local" (pure Megatron-Core modules, runs on CPU) or "transformer_engine" (GPU, enables FP8).
+    fp8: None, "delayed" or "tensorwise" (current scaling); needs transformer_impl="transformer_engine".
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    if transformer_impl not in ("local", "transformer_engine"):
+        raise ValueError(f"model.transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
+    if fp8 is not None and transformer_impl != "transformer_engine":
+        raise ValueError("model.fp8 needs model.transformer_impl='transformer_engine'")
+    on_gpu = torch.cuda.is_available()
+    fp8_kwargs = {}
+    if fp8 is not None:
+        if fp8 not in ("delayed", "tensorwise"):
+            raise ValueError(f"model.fp8 must be null, 'delayed' or 'tensorwise', got {fp8!r}")
+        fp8_kwargs = dict(fp8="hybrid", fp8_recipe=fp8)
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        layernorm_epsilon=arch.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        transformer_impl=transformer_impl,
+        **fp8_kwargs,
+    )

@@ -1,0 +1,83 @@
+"""Make Megatron-Core run on a machine without CUDA (gloo, fp32, local layer spec).
+
+Every patch here is applied only when ``torch.cuda.is_available()`` is False, and only once:
+1. the CUDA RNG-states tracker becomes one that forks the CPU generator (attention always forks it);
+2. ``torch.cuda.current_device()`` used as a device becomes "cpu" (memory buffer, RoPE, TP gather);
+3. ``torch.cuda.synchronize`` / ``torch.cuda.manual_seed`` become no-ops (checkpointing, seeding).
+Explicit attention masks are passed by our callers, so Megatron's default CUDA causal mask is never built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_APPLIED = False
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for Megatron's CudaRNGStatesTracker that keeps named CPU generator states."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def reset(self):
+        self.states_ = {}
+        self.seeds_ = set()
+        self._is_initialized = False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            # Megatron forks before seeding in some code paths (e.g. initialisation outside training).
+            self.add(name, abs(hash(name)) % (2**31))
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def apply_cpu_shims() -> bool:
+    """Patch torch / Megatron-Core for CPU execution; returns True if patches are (now) active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+    _APPLIED = True
+    return True

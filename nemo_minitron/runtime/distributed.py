@@ -1,0 +1,83 @@
+"""Process groups and Megatron-Core parallel state for world size 1 or N.
+
+Reads the torchrun / srun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); with none set it
+runs as a single process. Uses NCCL on GPU and gloo on CPU, where the CPU shims are applied first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.runtime.cpu_shims import apply_cpu_shims
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel layout; data parallelism is whatever remains of the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+    def validate(self, world_size: int) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ValueError(f"parallel: tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1, got {tp}, {pp}")
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size * "
+                f"pipeline_model_parallel_size = {tp} * {pp}"
+            )
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its local GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
+    """Create the default process group (if needed), Megatron-Core's parallel groups and its RNG states."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        apply_cpu_shims()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    parallel.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
