@@ -3,14 +3,19 @@
 Every patch here is applied only when ``torch.cuda.is_available()`` is False, and only once:
 1. the CUDA RNG-states tracker becomes one that forks the CPU generator (attention always forks it);
 2. ``torch.cuda.current_device()`` used as a device becomes "cpu" (memory buffer, RoPE, TP gather);
-3. ``torch.cuda.synchronize`` / ``torch.cuda.manual_seed`` become no-ops (checkpointing, seeding).
+3. ``torch.cuda.synchronize`` / ``torch.cuda.manual_seed`` become no-ops (checkpointing, seeding);
+4. tensors that the schedules, DDP buffers and optimizer create with ``device="cuda"`` are created on the CPU
+   (those modules see a ``torch`` whose factory functions map a CUDA device to "cpu").
 Explicit attention masks are passed by our callers, so Megatron's default CUDA causal mask is never built.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import os
+import types
 
 import torch
 
@@ -60,6 +65,39 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+# Megatron-Core modules that create tensors on device="cuda" on the training / evaluation path.
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
+)
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
+
+
+def _cuda_to_cpu(factory, *args, **kwargs):
+    dev = kwargs.get("device")
+    if dev is not None and torch.device(dev).type == "cuda":
+        kwargs["device"] = "cpu"
+    kwargs.pop("pin_memory", None)
+    return factory(*args, **kwargs)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as seen by a Megatron module: the same, except factories never target CUDA."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            return functools.partial(_cuda_to_cpu, attr)
+        return attr
+
+
 def apply_cpu_shims() -> bool:
     """Patch torch / Megatron-Core for CPU execution; returns True if patches are (now) active."""
     global _APPLIED
@@ -74,6 +112,10 @@ def apply_cpu_shims() -> bool:
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+
+    cpu_torch = _TorchOnCpu()
+    for module_name in _CUDA_FACTORY_MODULES:
+        importlib.import_module(module_name).torch = cpu_torch
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None

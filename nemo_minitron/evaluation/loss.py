@@ -1,0 +1,68 @@
+"""Validation LM loss (mean next-token cross-entropy over valid tokens) through Megatron-Core's pipeline schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.models.build import causal_inputs
+from nemo_minitron.runtime.distributed import device
+
+
+def micro_batches(sequences: torch.Tensor, micro_batch_size: int):
+    """Yield dicts {tokens, labels} of [micro_batch_size, s] from packed sequences [n, s + 1]."""
+    for start in range(0, sequences.shape[0], micro_batch_size):
+        chunk = sequences[start:start + micro_batch_size].to(device())
+        yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:]}
+
+
+def lm_forward_step(data_iterator, model):
+    """Megatron forward_step_func: per-token cross-entropy on the last stage, summed with its token count."""
+    batch = next(data_iterator)
+    position_ids, mask = causal_inputs(batch["tokens"])
+    output = model(batch["tokens"], position_ids, mask, labels=batch["labels"])
+
+    def loss_func(per_token_loss: torch.Tensor):
+        total = per_token_loss.float().sum()
+        count = torch.tensor(per_token_loss.numel(), device=total.device, dtype=torch.int)
+        return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
+
+    return output, loss_func
+
+
+@torch.no_grad()
+def validation_loss(model, sequences: torch.Tensor, micro_batch_size: int = 4) -> float:
+    """Mean cross-entropy (nats/token) of ``model`` on packed ``sequences`` [n, s + 1], equal on every rank.
+
+    Works for any TP/PP layout; data-parallel ranks each pass their own ``sequences`` and the result is the
+    token-weighted mean over all of them.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    was_training = model.training
+    model.eval()
+    n = sequences.shape[0]
+    num_microbatches = math.ceil(n / micro_batch_size)
+    if n % micro_batch_size:
+        raise ValueError(f"eval: {n} sequences are not a multiple of micro_batch_size={micro_batch_size}")
+    outputs = get_forward_backward_func()(
+        forward_step_func=lm_forward_step,
+        data_iterator=micro_batches(sequences, micro_batch_size),
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=sequences.shape[1] - 1,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+    )
+    model.train(was_training)
+    sums = torch.zeros(2, dtype=torch.float64, device=device())
+    if parallel_state.is_pipeline_last_stage():
+        for out in outputs:
+            sums += out["lm loss"].double()
+    # Last stage holds the sums: share them with the other stages, then add over data-parallel ranks.
+    dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    return (sums[0] / sums[1]).item()

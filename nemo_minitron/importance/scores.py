@@ -1,0 +1,61 @@
+"""Importance scores of every prunable axis, unsharded, saved as safetensors + a JSON summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class ImportanceScores:
+    """Full-size (TP-gathered, all pipeline stages) float32 scores; larger = more important.
+
+    hidden: [hidden_size]                        embedding channels, summed over every norm
+    ffn:    [num_layers, ffn_hidden_size]        MLP neurons
+    heads:  [num_layers, num_attention_heads]    attention heads
+    groups: [num_layers, num_query_groups]       KV query groups (L2 over their heads' scores)
+    layers: {metric: [num_layers]}               depth scores, e.g. "block_influence", "lm_loss_drop"
+    blocks: {k: [num_layers - k + 1]}            loss with layers start..start+k-1 removed (lower = safer)
+    """
+
+    hidden: torch.Tensor
+    ffn: torch.Tensor
+    heads: torch.Tensor
+    groups: torch.Tensor
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"hidden": self.hidden, "ffn": self.ffn, "heads": self.heads, "groups": self.groups}
+        tensors.update({f"layers.{k}": v for k, v in self.layers.items()})
+        tensors.update({f"blocks.{k}": v for k, v in self.blocks.items()})
+        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(directory / "scores.safetensors"))
+        summary = {
+            "meta": self.meta,
+            "layers": {k: v.tolist() for k, v in self.layers.items()},
+            "blocks": {str(k): v.tolist() for k, v in self.blocks.items()},
+            "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        }
+        (directory / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ImportanceScores":
+        directory = Path(directory)
+        path = directory / "scores.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"no importance scores at {path}: run `minitron score` first")
+        tensors = load_file(str(path))
+        meta = json.loads((directory / "scores.json").read_text()).get("meta", {})
+        return cls(
+            hidden=tensors["hidden"], ffn=tensors["ffn"], heads=tensors["heads"], groups=tensors["groups"],
+            layers={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")},
+            blocks={int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("blocks.")},
+            meta=meta,
+        )
