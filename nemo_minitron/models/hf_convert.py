@@ -1,0 +1,272 @@
+"""Hugging Face (Llama / Mistral / Qwen2) <-> Megatron-Core GPTModel conversion, for any TP size and PP stage.
+
+Weight layouts (HF -> Megatron-Core, per layer):
+- q/k/v_proj -> linear_qkv, group by group: for each KV group g its heads_per_group query heads, then k_g, then v_g
+  ([num_query_groups * (heads_per_group + 2) * kv_channels, hidden]); Qwen2's q/k/v biases -> linear_qkv.bias.
+- gate_proj, up_proj -> linear_fc1 = [gate; up]; under TP each rank holds [gate_shard; up_shard].
+- o_proj -> linear_proj, down_proj -> linear_fc2 (row-parallel: columns sharded).
+- embed_tokens -> embedding.word_embeddings, lm_head -> output_layer (vocab-parallel: rows sharded).
+RoPE needs no permutation: HF's rotate_half equals Megatron's rotary_interleaved=False.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.models.arch import ModelArch
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Megatron-Core parameter suffix of a decoder layer -> (HF suffixes, layout kind, TP shard dim or None).
+# kind "copy": one HF tensor in Megatron's layout; "qkv": q, k, v fused group by group; "fc1": gate, up fused.
+_LAYER_MAP = {
+    "input_layernorm.weight": (("input_layernorm.weight",), "copy", None),
+    "self_attention.linear_qkv.weight": (
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", 0),
+    "self_attention.linear_qkv.bias": (
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", 0),
+    "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "copy", 1),
+    "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "copy", None),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1", 1),
+    "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "copy", 1),
+}
+_LAYER_PARAM = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def _rope_theta_and_type(hf_config) -> tuple[float, str]:
+    """(rope_theta, rope_type) from ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling`` (4.x)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or scaling.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return float(theta), rope_type
+
+
+def arch_from_hf_config(hf_config) -> ModelArch:
+    """ModelArch of a transformers Llama / Mistral / Qwen2 config; ValueError for anything Megatron would compute
+    differently (other model types, activations, RoPE scaling, linear biases, sliding-window attention)."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"hf_config.model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if hf_config.hidden_act != "silu":
+        raise ValueError(f"hf_config.hidden_act must be 'silu', got {hf_config.hidden_act!r}")
+    theta, rope_type = _rope_theta_and_type(hf_config)
+    if rope_type != "default":
+        raise ValueError(f"hf_config rope_type (rope_parameters / rope_scaling) must be 'default' or none, "
+                         f"got {rope_type!r}")
+    for field in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, field, False):
+            raise ValueError(f"hf_config.{field} must be False, got True")
+    window = getattr(hf_config, "sliding_window", None)
+    uses_window = getattr(hf_config, "use_sliding_window", True)  # Qwen2 switches it off explicitly
+    if uses_window and window is not None and window < hf_config.max_position_embeddings:
+        raise ValueError(f"hf_config.sliding_window must be null or >= max_position_embeddings "
+                         f"({hf_config.max_position_embeddings}), got {window}")
+    heads = hf_config.num_attention_heads
+    return ModelArch(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
+        vocab_size=hf_config.vocab_size,
+        kv_channels=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        rotary_base=theta,
+        norm_epsilon=hf_config.rms_norm_eps,
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        add_qkv_bias=model_type == "qwen2",
+    )
+
+
+def hf_config_from_arch(arch: ModelArch, model_type: str = "llama"):
+    """transformers LlamaConfig / MistralConfig / Qwen2Config describing ``arch`` (SwiGLU with silu, no biases but
+    Qwen2's q/k/v, full attention, head_dim = kv_channels)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if arch.add_qkv_bias != (model_type == "qwen2"):
+        raise ValueError(f"arch.add_qkv_bias={arch.add_qkv_bias} cannot be exported as model_type {model_type!r}: "
+                         "q/k/v biases exist in 'qwen2' only")
+    common = dict(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.ffn_hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_query_groups,
+        head_dim=arch.kv_channels,
+        hidden_act="silu",
+        max_position_embeddings=arch.max_position_embeddings,
+        rms_norm_eps=arch.norm_epsilon,
+        rope_theta=arch.rotary_base,
+        tie_word_embeddings=arch.tie_word_embeddings,
+    )
+    if model_type == "llama":
+        return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    if model_type == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    return Qwen2Config(use_sliding_window=False, **common)
+
+
+def _hf_names(name: str, model, arch: ModelArch) -> tuple[tuple[str, ...], str, int | None]:
+    """(HF tensor names, layout kind, TP shard dim) of Megatron-Core parameter ``name`` of this rank's model."""
+    match = _LAYER_PARAM.fullmatch(name)
+    if match:
+        local, suffix = int(match.group(1)), match.group(2)
+        if suffix not in _LAYER_MAP:
+            raise ValueError(f"no Hugging Face mapping for Megatron-Core parameter {name!r}")
+        layer = model.decoder.layers[local].layer_number - 1  # global index: this stage's offset + local
+        hf_suffixes, kind, dim = _LAYER_MAP[suffix]
+        return tuple(f"model.layers.{layer}.{s}" for s in hf_suffixes), kind, dim
+    if name == "embedding.word_embeddings.weight":
+        return ("model.embed_tokens.weight",), "copy", 0
+    if name == "decoder.final_layernorm.weight":
+        return ("model.norm.weight",), "copy", None
+    if name == "output_layer.weight":
+        # Tied embeddings under PP > 1: the last stage keeps its own copy of the embedding matrix.
+        return ("model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight",), "copy", 0
+    raise ValueError(f"no Hugging Face mapping for Megatron-Core parameter {name!r}")
+
+
+def _to_megatron(kind: str, tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    """Full (unsharded) Megatron tensor from HF tensors; "fc1" stays stacked [2, ffn, hidden] so TP shards dim 1."""
+    if kind == "copy":
+        return tensors[0]
+    if kind == "fc1":
+        return torch.stack(tensors)
+    q, k, v = tensors
+    groups, d = arch.num_query_groups, arch.kv_channels
+    rest = q.shape[1:]
+    per_group = [q.reshape(groups, -1, d, *rest), k.reshape(groups, 1, d, *rest), v.reshape(groups, 1, d, *rest)]
+    return torch.cat(per_group, dim=1).reshape(-1, *rest)
+
+
+def _to_hf(kind: str, full: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    """Inverse of ``_to_megatron``."""
+    if kind == "copy":
+        return [full]
+    if kind == "fc1":
+        return list(full.unbind(0))
+    groups, d = arch.num_query_groups, arch.kv_channels
+    heads_per_group = arch.num_attention_heads // groups
+    rest = full.shape[1:]
+    q, k, v = full.reshape(groups, heads_per_group + 2, d, *rest).split([heads_per_group, 1, 1], dim=1)
+    return [t.reshape(-1, *rest) for t in (q, k, v)]
+
+
+@torch.no_grad()
+def load_hf_state_dict(model, hf_state_dict: dict[str, torch.Tensor], arch: ModelArch) -> None:
+    """Copy full HF tensors into this rank's Megatron-Core GPTModel (its TP shard and PP stage) in place."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    params = dict(model.named_parameters())
+    plan = {name: _hf_names(name, model, arch) for name in params}
+    missing = sorted({n for hf_names, _, _ in plan.values() for n in hf_names} - set(hf_state_dict))
+    if missing:
+        raise ValueError(f"hf_state_dict lacks {len(missing)} tensors this model needs, e.g. {missing[:4]}")
+    for name, (hf_names, kind, dim) in plan.items():
+        full = _to_megatron(kind, [hf_state_dict[n] for n in hf_names], arch)
+        local = full if dim is None else full.chunk(tp, dim=dim)[rank]
+        if kind == "fc1":
+            local = local.flatten(0, 1)  # [gate_shard; up_shard]
+        param = params[name]
+        if local.shape != param.shape:
+            raise ValueError(f"{name}: HF tensors {[tuple(hf_state_dict[n].shape) for n in hf_names]} give a shard "
+                             f"{tuple(local.shape)}, but this rank's parameter is {tuple(param.shape)} at TP={tp}")
+        param.copy_(local)
+
+
+@torch.no_grad()
+def gather_hf_state_dict(model, arch: ModelArch) -> dict[str, torch.Tensor]:
+    """Full HF-named tensors of the whole model, returned on every rank (on the CPU when PP > 1, else on the
+    model's device).
+
+    TP shards are all-gathered over the tensor-parallel group, then each stage's tensors over the pipeline group.
+    With TP = PP = 1 nothing is gathered and the tensors are detached copies of the parameters.
+    A tied model has no "lm_head.weight" (transformers ties it to "model.embed_tokens.weight").
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    hf = {}
+    for name, param in model.named_parameters():
+        if name == "output_layer.weight" and arch.tie_word_embeddings:
+            continue  # last stage's copy of the embedding under PP > 1
+        hf_names, kind, dim = _hf_names(name, model, arch)
+        shard = param.detach()
+        if kind == "fc1":
+            shard = shard.reshape(2, -1, shard.shape[-1])
+        if dim is not None and tp > 1:
+            parts = [torch.empty_like(shard) for _ in range(tp)]
+            dist.all_gather(parts, shard.contiguous(), group=tp_group)
+            shard = torch.cat(parts, dim=dim)
+        for hf_name, tensor in zip(hf_names, _to_hf(kind, shard, arch)):
+            hf[hf_name] = tensor.clone()  # own storage: safetensors refuses tensors that share memory
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        stages = [None] * pp
+        hf = {k: v.cpu() for k, v in hf.items()}
+        dist.all_gather_object(stages, hf, group=parallel_state.get_pipeline_model_parallel_group())
+        hf = {k: v for stage in stages for k, v in stage.items()}
+    return hf
+
+
+def save_hf_checkpoint(model, arch: ModelArch, out_dir: str | Path, tokenizer=None,
+                       model_type: str = "llama") -> Path:
+    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files if given) for transformers'
+    AutoModelForCausalLM.from_pretrained. Collective: every rank calls it; global rank 0 writes."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    config = hf_config_from_arch(arch, model_type)  # validate before gathering
+    state = gather_hf_state_dict(model, arch)
+    out_dir = Path(out_dir)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None:
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+            tokenizer.save_pretrained(out_dir)
+        config.save_pretrained(out_dir)
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, out_dir / "model.safetensors",
+                  metadata={"format": "pt"})
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir
+
+
+def load_hf_checkpoint(path_or_dir: str | Path, arch_override: dict | None = None
+                       ) -> tuple[ModelArch, dict[str, torch.Tensor]]:
+    """(ModelArch, full HF state dict) from a local HF directory (config.json + *.safetensors); no network.
+
+    ``path_or_dir`` may also be a file inside that directory. ``arch_override``: ModelArch fields to replace
+    (e.g. {"max_position_embeddings": 512}).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    directory = Path(path_or_dir)
+    if directory.is_file():
+        directory = directory.parent
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json (expected a Hugging Face model directory)")
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} has no *.safetensors weights")
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+    if arch_override:
+        arch = arch.replace(**arch_override)
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    return arch, state

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from nemo_minitron.evaluation.loss import validation_loss
+from nemo_minitron.models.build import build_gpt_model, forward_logits
+from nemo_minitron.models.checkpoint import load_checkpoint, save_checkpoint
+from nemo_minitron.models.hf_convert import gather_hf_state_dict
+from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
+from tests.distributed import run_distributed
+
+
+def _logits(model, tokens):
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    with torch.no_grad():
+        return gather_from_tensor_model_parallel_region(forward_logits(model, tokens))
+
+
+def _assert_same_tensors(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def _save_tp2_load_tp1_and_pp2(rank, world_size, arch, directory):
+    """Save at TP=2; load at TP=1 (same weights, same logits) and at PP=2 (same weights, same loss)."""
+    tokens = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    sequences = torch.randint(0, arch.vocab_size, (2, 13), generator=torch.Generator().manual_seed(2))
+    init_distributed(ParallelConfig(tensor_model_parallel_size=2))
+    model = build_gpt_model(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    weights, logits = gather_hf_state_dict(model, arch), _logits(model, tokens)
+    loss = validation_loss(model, sequences, micro_batch_size=1)
+    save_checkpoint(model, arch, directory)
+
+    init_distributed(ParallelConfig())  # TP=1, two data-parallel replicas
+    model, loaded_arch = load_checkpoint(directory)
+    assert loaded_arch == arch
+    _assert_same_tensors(gather_hf_state_dict(model, arch), weights)
+    assert (_logits(model, tokens) - logits).abs().max() < 1e-5
+
+    init_distributed(ParallelConfig(pipeline_model_parallel_size=2))  # includes the tied output layer's copy
+    model, _ = load_checkpoint(directory)
+    _assert_same_tensors(gather_hf_state_dict(model, arch), weights)
+    assert abs(validation_loss(model, sequences, micro_batch_size=1) - loss) < 1e-5
+
+
+def _tied_and_untied(rank, world_size, arch, directory):
+    for tied in (True, False):
+        _save_tp2_load_tp1_and_pp2(rank, world_size, arch.replace(tie_word_embeddings=tied), f"{directory}/{tied}")
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(tiny_arch, tmp_path):
+    run_distributed(_tied_and_untied, 2, tiny_arch, str(tmp_path))
+
+
+def test_load_without_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="arch.json"):
+        load_checkpoint(tmp_path)
