@@ -30,3 +30,35 @@ def single_process():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests on the embedded SmolLM2 model (minutes)")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def char_tokenizer(text: str):
+    """A character-level fast tokenizer over the 126 most frequent characters of ``text`` (+ <unk>, <eos>)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c, _ in Counter(text).most_common(126)]
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_run_inputs(tmp_path_factory):
+    """A tiny random Llama (4 layers, vocab 128) with a character tokenizer, and a ~100 kB Shakespeare text file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nemo_minitron.data.corpus import shakespeare_files
+
+    root = tmp_path_factory.mktemp("tiny_run_inputs")
+    text = shakespeare_files()[0].read_text(encoding="latin-1")[:100_000]
+    (root / "corpus.txt").write_text(text)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    char_tokenizer(text).save_pretrained(root / "model")
+    return root

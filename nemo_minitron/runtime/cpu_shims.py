@@ -5,7 +5,9 @@ Every patch here is applied only when ``torch.cuda.is_available()`` is False, an
 2. ``torch.cuda.current_device()`` used as a device becomes "cpu" (memory buffer, RoPE, TP gather);
 3. ``torch.cuda.synchronize`` / ``torch.cuda.manual_seed`` become no-ops (checkpointing, seeding);
 4. tensors that the schedules, DDP buffers and optimizer create with ``device="cuda"`` are created on the CPU
-   (those modules see a ``torch`` whose factory functions map a CUDA device to "cpu").
+   (those modules see a ``torch`` whose factory functions map a CUDA device to "cpu");
+5. the optimizer's gradient clipping (which asserts CUDA grads) scales CPU grads by max_norm / (total_norm + 1e-6);
+6. ``Tensor.cuda()`` is the identity while a tied model (PP > 1) syncs its output-layer copy of the embedding.
 Explicit attention masks are passed by our callers, so Megatron's default CUDA causal mask is never built.
 """
 
@@ -98,6 +100,30 @@ class _TorchOnCpu(types.ModuleType):
         return attr
 
 
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's clip_grad_by_total_norm_fp32 without its CUDA-tensor assertion."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _keep_on_cpu(method):
+    """``method`` with ``Tensor.cuda()`` returning the tensor itself while it runs."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return wrapper
+
+
 def apply_cpu_shims() -> bool:
     """Patch torch / Megatron-Core for CPU execution; returns True if patches are (now) active."""
     global _APPLIED
@@ -116,6 +142,13 @@ def apply_cpu_shims() -> bool:
     cpu_torch = _TorchOnCpu()
     for module_name in _CUDA_FACTORY_MODULES:
         importlib.import_module(module_name).torch = cpu_torch
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = (
+        _clip_grad_by_total_norm_cpu)
+
+    # Tied embeddings under PP > 1: the last stage's copy is moved with .cuda() before its first all-reduce.
+    language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
+    language_module.LanguageModule.setup_embeddings_and_output_layer = _keep_on_cpu(
+        language_module.LanguageModule.setup_embeddings_and_output_layer)
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from nemo_minitron.runtime.cpu_shims import apply_cpu_shims
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelConfig:
     """Model-parallel layout; data parallelism is whatever remains of the world size."""
 

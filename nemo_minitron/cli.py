@@ -1,0 +1,80 @@
+"""`minitron` command line: run a whole recipe, one stage of it, or the offline demo.
+
+  minitron demo [key=value ...]                    the embedded default end to end (SmolLM2-135M, Shakespeare)
+  minitron run --recipe FILE [key=value ...]       every stage of a recipe
+  minitron STAGE --run DIR [key=value ...]         re-run one stage on an existing run folder
+  minitron STAGE --recipe FILE [key=value ...]     one stage of a recipe
+
+STAGE is one of prepare, correct, score, prune, distill, eval, report. Under torchrun / srun every rank runs the
+same command (set parallel.tensor_model_parallel_size / pipeline_model_parallel_size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nemo_minitron import pipeline
+from nemo_minitron.config import load_recipe
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+COMMANDS = ("demo", "run", *pipeline.STAGES)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="minitron", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--recipe", help="recipe YAML file")
+    parser.add_argument("--run", help="existing run folder (its recipe.yaml is used)")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. distill.steps=20")
+    args = parser.parse_intermixed_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            parser.error(f"override {item!r} is not of the form key=value")
+    return args
+
+
+def resolve_recipe(args):
+    """The recipe for this command: --run DIR's saved recipe, --recipe FILE, or the demo's."""
+    overrides = list(args.overrides)
+    if args.run:
+        path = Path(args.run) / "recipe.yaml"
+        if not path.exists():
+            raise SystemExit(f"minitron: {path} not found; is {args.run} a run folder (made by `minitron prepare`)?")
+        overrides.append(f"run_dir={args.run}")
+    elif args.recipe:
+        path = args.recipe
+    elif args.command == "demo":
+        path = DEMO_RECIPE
+    else:
+        raise SystemExit(f"minitron {args.command}: give --recipe FILE or --run DIR")
+    return load_recipe(path, overrides)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = resolve_recipe(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"minitron: {err}") from None
+
+    from nemo_minitron.runtime.distributed import destroy_distributed, init_distributed
+
+    init_distributed(recipe.parallel, seed=recipe.data.seed)
+    try:
+        if args.command in ("demo", "run"):
+            markdown = pipeline.run_all(recipe)
+            pipeline.log("\n" + markdown + f"\nReport: {Path(recipe.run_dir) / 'report.md'}")
+        else:
+            result = pipeline.STAGES[args.command](recipe)
+            if args.command == "report":
+                pipeline.log(result)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

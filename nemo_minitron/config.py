@@ -1,0 +1,186 @@
+"""Typed recipe configuration: dataclasses are the one source of defaults, YAML (OmegaConf) is their face.
+
+A recipe file sets any subset of the fields below; `key=value` overrides from the command line win over the
+file. Everything is validated before any compute, with errors that name the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nemo_minitron.distillation.losses import KINDS as KD_LOSSES
+from nemo_minitron.pruning.plan import PruneTarget
+from nemo_minitron.runtime.distributed import ParallelConfig
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ModelConfig:
+    """The teacher: the embedded SmolLM2-135M, or a local Hugging Face checkpoint directory (Llama/Mistral/Qwen2)."""
+
+    source: str = EMBEDDED_MODEL
+    transformer_impl: str = "local"  # "transformer_engine" on GPU (FP8 needs it)
+    fp8: Optional[str] = None  # null | delayed | tensorwise
+
+
+@dataclass
+class DataConfig:
+    """Text -> packed token sequences [n, seq_length + 1], split deterministically."""
+
+    source: str = "shakespeare"  # "shakespeare" | a .txt file or folder | .jsonl / .json / .parquet / .csv file
+    text_field: str = "text"
+    seq_length: int = 256
+    num_calibration: int = 1024
+    num_train: int = -1  # -1: every sequence not used for calibration or validation
+    num_validation: int = 64
+    seed: int = 1234
+
+
+@dataclass
+class ScoreConfig:
+    """Importance scoring on the calibration split (DESIGN.md section 3)."""
+
+    micro_batch_size: int = 4
+    seq_agg: str = "mean"
+    batch_agg: str = "l2"
+    depth_metrics: list[str] = field(default_factory=lambda: ["block_influence"])
+    block_sizes: list[int] = field(default_factory=list)  # contiguous blocks to search (needs validation data)
+    num_validation: int = 8  # validation sequences for lm_loss_drop and the block search
+
+
+@dataclass
+class TrainStageConfig:
+    """Optimisation settings shared by teacher correction and distillation (cosine schedule with warmup)."""
+
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    eval_interval: int = 0  # 0: evaluate only at the end
+    save_interval: int = 0  # 0: checkpoint only at the end
+
+
+@dataclass
+class CorrectConfig(TrainStageConfig):
+    """Teacher correction: a short LM fine-tune of the teacher on the distillation data (off by default)."""
+
+    enabled: bool = False
+    lr: float = 2e-5  # the papers: 1/5 of the original peak LR
+    min_lr: float = 2e-6
+
+
+@dataclass
+class DistillConfig(TrainStageConfig):
+    """Logit distillation of one pruned student from the (corrected) teacher."""
+
+    student: str = "width"  # a key of prune.targets
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    top_k: Optional[int] = None  # for loss=topk_forward_kl
+    chunk_size: Optional[int] = None  # tokens per chunk of the KD loss (bounds float32 probability memory)
+    lm_loss_weight: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    micro_batch_size: int = 4
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "minitron"
+    run_dir: str = "runs/minitron"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    prune: dict[str, PruneTarget] = field(default_factory=dict)
+    correct: CorrectConfig = field(default_factory=CorrectConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "RecipeConfig":
+        """Check every setting that can be checked without loading the model or data."""
+        _choice("model.transformer_impl", self.model.transformer_impl, ("local", "transformer_engine"))
+        _choice("model.fp8", self.model.fp8, (None, "delayed", "tensorwise"))
+        if self.model.fp8 is not None and self.model.transformer_impl != "transformer_engine":
+            raise ValueError("model.fp8 needs model.transformer_impl: transformer_engine")
+        if self.model.source != EMBEDDED_MODEL and not Path(self.model.source).is_dir():
+            raise ValueError(f"model.source: {self.model.source!r} is neither {EMBEDDED_MODEL!r} nor a local "
+                             "Hugging Face checkpoint directory")
+        d = self.data
+        _positive("data.seq_length", d.seq_length)
+        _positive("data.num_calibration", d.num_calibration)
+        _positive("data.num_validation", d.num_validation)
+        if d.num_train != -1:
+            _positive("data.num_train", d.num_train)
+        _positive("score.micro_batch_size", self.score.micro_batch_size)
+        _positive("eval.micro_batch_size", self.eval.micro_batch_size)
+        if self.score.num_validation > d.num_validation:
+            raise ValueError(f"score.num_validation ({self.score.num_validation}) must be <= data.num_validation "
+                             f"({d.num_validation})")
+        for name, target in self.prune.items():
+            if not name.isidentifier():
+                raise ValueError(f"prune: target name {name!r} must be a plain identifier (it names a folder)")
+        for stage in ("correct", "distill"):
+            cfg = getattr(self, stage)
+            for key in ("steps", "micro_batch_size", "global_batch_size"):
+                _positive(f"{stage}.{key}", getattr(cfg, key))
+            if cfg.global_batch_size % cfg.micro_batch_size:
+                raise ValueError(f"{stage}.global_batch_size ({cfg.global_batch_size}) must be a multiple of "
+                                 f"{stage}.micro_batch_size ({cfg.micro_batch_size})")
+            if not 0 < cfg.min_lr <= cfg.lr:
+                raise ValueError(f"{stage}: need 0 < min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+        dist = self.distill
+        if self.prune and dist.student not in self.prune:
+            raise ValueError(f"distill.student: {dist.student!r} is not a prune target; allowed: {sorted(self.prune)}")
+        _choice("distill.loss", dist.loss, KD_LOSSES)
+        if (dist.loss == "topk_forward_kl") != (dist.top_k is not None):
+            raise ValueError(f"distill.top_k is required by, and only used by, distill.loss: topk_forward_kl "
+                             f"(loss={dist.loss!r}, top_k={dist.top_k!r})")
+        if dist.top_k is not None:
+            _positive("distill.top_k", dist.top_k)
+        if dist.chunk_size is not None:
+            _positive("distill.chunk_size", dist.chunk_size)
+        if dist.temperature <= 0:
+            raise ValueError(f"distill.temperature must be > 0, got {dist.temperature}")
+        return self
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(name, value):
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> RecipeConfig:
+    """RecipeConfig from defaults <- YAML file <- `a.b=value` overrides, validated."""
+    try:
+        merged = OmegaConf.structured(RecipeConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"recipe file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # unknown key or wrong type: OmegaConf names the full key
+        raise ValueError(f"recipe {path or '(defaults)'}: {err}") from None
+    return recipe.validate()
+
+
+def save_recipe(recipe: RecipeConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(recipe)))

@@ -1,0 +1,309 @@
+"""The Minitron stages in order. Each stage reads and writes files in one run folder, so any stage can be
+re-run alone (`minitron score|prune|distill|eval|report --run DIR`).
+
+run folder:
+  recipe.yaml                 the resolved recipe
+  data/{calibration,train,validation}.pt   packed token sequences [n, seq_length + 1]
+  tokenizer/                  the teacher's tokenizer (for export)
+  teacher/                    Megatron-Core checkpoint of the teacher (arch.json + dist checkpoint)
+  teacher_corrected/          the teacher after correction (if enabled), + history.json
+  scores/                     importance scores (safetensors + json) and their plots
+  pruned/<target>/            pruned Megatron-Core checkpoint + plan.json
+  distilled/<target>/         distilled student checkpoint + history.json; hf/ its Hugging Face export
+  eval.json, timings.json, report.md, plots/
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.config import EMBEDDED_MODEL, RecipeConfig, save_recipe
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    if is_rank0():
+        print(message, flush=True)
+
+
+class RunDir:
+    """Paths of one run folder (see module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.tokenizer = self.root / "tokenizer"
+        self.teacher = self.root / "teacher"
+        self.teacher_corrected = self.root / "teacher_corrected"
+        self.scores = self.root / "scores"
+        self.plots = self.root / "plots"
+        self.eval = self.root / "eval.json"
+        self.timings = self.root / "timings.json"
+        self.report = self.root / "report.md"
+
+    def pruned(self, name: str) -> Path:
+        return self.root / "pruned" / name
+
+    def distilled(self, name: str) -> Path:
+        return self.root / "distilled" / name
+
+    def split(self, name: str) -> torch.Tensor:
+        path = self.data / f"{name}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `minitron prepare --run {self.root}` first")
+        return torch.load(path)
+
+    def active_teacher(self) -> Path:
+        """The corrected teacher if correction ran, else the converted one."""
+        return self.teacher_corrected if (self.teacher_corrected / "arch.json").exists() else self.teacher
+
+    def require(self, path: Path, stage: str) -> Path:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `minitron {stage} --run {self.root}` first")
+        return path
+
+
+@contextmanager
+def timed(run: RunDir, stage: str):
+    """Record a stage's wall time in timings.json."""
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    if is_rank0():
+        timings = json.loads(run.timings.read_text()) if run.timings.exists() else {}
+        timings[stage] = round(seconds, 1)
+        run.timings.write_text(json.dumps(timings, indent=2) + "\n")
+    log(f"[{stage}] done in {seconds:.0f} s")
+
+
+def _write_json(path: Path, payload) -> None:
+    if is_rank0():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _local_split(sequences: torch.Tensor) -> torch.Tensor:
+    """This data-parallel rank's contiguous share of ``sequences``."""
+    from megatron.core import parallel_state
+
+    rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    if sequences.shape[0] % size:
+        raise ValueError(f"{sequences.shape[0]} sequences cannot be split evenly over {size} data-parallel ranks")
+    share = sequences.shape[0] // size
+    return sequences[rank * share:(rank + 1) * share]
+
+
+def _load(path: Path, recipe: RecipeConfig, for_pruning: bool = False):
+    """(model, arch) from a Megatron-Core checkpoint folder; pruning works on the local (non-TE) layer spec."""
+    from nemo_minitron.models.checkpoint import load_checkpoint
+
+    if for_pruning:
+        return load_checkpoint(path, transformer_impl="local")
+    return load_checkpoint(path, transformer_impl=recipe.model.transformer_impl, fp8=recipe.model.fp8)
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def prepare(recipe: RecipeConfig) -> None:
+    """Tokenise, pack and split the corpus; convert the teacher to a Megatron-Core checkpoint."""
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
+    from nemo_minitron.data.packing import packed_corpus, split_sequences
+    from nemo_minitron.models.build import build_gpt_model
+    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.models.hf_convert import load_hf_checkpoint, load_hf_state_dict
+    from nemo_minitron.pruning.plan import validate as validate_target
+
+    run = RunDir(recipe.run_dir)
+    with timed(run, "prepare"):
+        if is_rank0():
+            run.root.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, run.root / "recipe.yaml")
+        if recipe.model.source == EMBEDDED_MODEL:
+            from nemo_minitron.models.embedded import embedded_teacher_dir
+
+            hf_dir = embedded_teacher_dir() if is_rank0() else None
+            if dist.is_initialized():
+                box = [hf_dir]
+                dist.broadcast_object_list(box, src=0)
+                hf_dir = box[0]
+        else:
+            hf_dir = Path(recipe.model.source)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        d = recipe.data
+        if is_rank0():
+            sequences = packed_corpus(d.source, tokenizer, d.seq_length, text_field=d.text_field)
+            splits = split_sequences(sequences, d.num_calibration, d.num_train, d.num_validation, d.seed)
+            run.data.mkdir(parents=True, exist_ok=True)
+            for name in ("calibration", "train", "validation"):
+                torch.save(getattr(splits, name).clone(), run.data / f"{name}.pt")
+            tokenizer.save_pretrained(run.tokenizer)
+            log(f"[prepare] {sequences.shape[0]} sequences of {d.seq_length} tokens: "
+                f"calibration {len(splits.calibration)}, train {len(splits.train)}, "
+                f"validation {len(splits.validation)}")
+        arch, state_dict = load_hf_checkpoint(hf_dir)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        for target in recipe.prune.values():  # fail now, not after scoring
+            validate_target(arch, target, tp_size=tp)
+        model = build_gpt_model(arch, transformer_impl=recipe.model.transformer_impl, fp8=recipe.model.fp8)
+        load_hf_state_dict(model, state_dict, arch)
+        save_checkpoint(model, arch, run.teacher)
+        log(f"[prepare] teacher {arch.num_parameters() / 1e6:.1f}M parameters -> {run.teacher}")
+
+
+def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: Path, **kwargs):
+    """Megatron-Core training of ``model`` on the run's train split; state (for resume) in out_dir/train_state."""
+    from nemo_minitron.distillation.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        steps=stage_cfg.steps, micro_batch_size=stage_cfg.micro_batch_size,
+        global_batch_size=stage_cfg.global_batch_size, lr=stage_cfg.lr, min_lr=stage_cfg.min_lr,
+        warmup_steps=stage_cfg.warmup_steps, weight_decay=stage_cfg.weight_decay, clip_grad=stage_cfg.clip_grad,
+        eval_interval=stage_cfg.eval_interval, save_interval=stage_cfg.save_interval, seed=recipe.data.seed,
+    )
+    return train(model, run.split("train"), cfg, validation=run.split("validation"), arch=arch,
+                 checkpoint_dir=out_dir / "train_state", **kwargs)
+
+
+def correct(recipe: RecipeConfig) -> None:
+    """Teacher correction: fine-tune the teacher on the distillation data with the LM loss."""
+    from nemo_minitron.models.checkpoint import save_checkpoint
+
+    run = RunDir(recipe.run_dir)
+    with timed(run, "correct"):
+        model, arch = _load(run.require(run.teacher, "prepare"), recipe)
+        history = _train(recipe, recipe.correct, model, arch, run, run.teacher_corrected)
+        save_checkpoint(model, arch, run.teacher_corrected)
+        _write_json(run.teacher_corrected / "history.json", history)
+
+
+def score(recipe: RecipeConfig) -> None:
+    """Importance of every width axis and of layers, from forward passes over the calibration split."""
+    from nemo_minitron.importance.plots import plot_importance
+    from nemo_minitron.importance.score import compute_importance
+
+    run = RunDir(recipe.run_dir)
+    with timed(run, "score"):
+        model, arch = _load(run.require(run.active_teacher(), "prepare"), recipe)
+        s = recipe.score
+        validation = run.split("validation")[: s.num_validation]
+        scores = compute_importance(
+            model, arch, _local_split(run.split("calibration")), _local_split(validation),
+            micro_batch_size=s.micro_batch_size, seq_agg=s.seq_agg, batch_agg=s.batch_agg,
+            depth_metrics=tuple(s.depth_metrics), block_sizes=tuple(s.block_sizes),
+        )
+        if is_rank0():
+            scores.save(run.scores)
+            plot_importance(scores, run.scores)
+        log(f"[score] scores and plots -> {run.scores}")
+
+
+def prune(recipe: RecipeConfig) -> None:
+    """Apply every prune target to a fresh copy of the teacher and save each pruned model."""
+    from megatron.core import parallel_state
+
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.pruning.apply import apply_plan
+    from nemo_minitron.pruning.plan import make_plan
+
+    run = RunDir(recipe.run_dir)
+    if not recipe.prune:
+        raise ValueError("prune: the recipe has no targets; add e.g. prune.width.hidden_size=...")
+    with timed(run, "prune"):
+        scores = ImportanceScores.load(run.scores)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        for name, target in recipe.prune.items():
+            model, arch = _load(run.active_teacher(), recipe, for_pruning=True)
+            plan = make_plan(arch, scores, target, tp_size=tp)
+            new_arch = apply_plan(model, arch, plan)
+            save_checkpoint(model, new_arch, run.pruned(name))
+            _write_json(run.pruned(name) / "plan.json", plan.to_dict())
+            log(f"[prune] {name}: {arch.num_parameters() / 1e6:.1f}M -> {new_arch.num_parameters() / 1e6:.1f}M "
+                f"parameters (layers {new_arch.num_layers}, hidden {new_arch.hidden_size}, "
+                f"ffn {new_arch.ffn_hidden_size}, heads {new_arch.num_attention_heads}, "
+                f"groups {new_arch.num_query_groups})")
+
+
+def distill(recipe: RecipeConfig) -> None:
+    """Logit distillation of the chosen pruned student from the teacher; exports the result to Hugging Face."""
+    from nemo_minitron.distillation.losses import VocabParallelKDLoss
+    from nemo_minitron.distillation.teacher import Teacher
+    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.models.hf_convert import save_hf_checkpoint
+
+    run = RunDir(recipe.run_dir)
+    d = recipe.distill
+    with timed(run, "distill"):
+        teacher_model, _ = _load(run.active_teacher(), recipe)
+        student, arch = _load(run.require(run.pruned(d.student), "prune"), recipe)
+        loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k, chunk_size=d.chunk_size)
+        out = run.distilled(d.student)
+        history = _train(recipe, d, student, arch, run, out, teacher=Teacher(teacher_model), kd_loss=loss,
+                         lm_loss_weight=d.lm_loss_weight)
+        save_checkpoint(student, arch, out)
+        _write_json(out / "history.json", history)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer) if run.tokenizer.exists() else None
+        save_hf_checkpoint(student, arch, out / "hf", tokenizer=tokenizer)
+        log(f"[distill] {d.student} student -> {out} (Hugging Face export in {out / 'hf'})")
+
+
+def evaluate(recipe: RecipeConfig) -> dict:
+    """Validation loss of the teacher and of every pruned and distilled model present in the run folder."""
+    from nemo_minitron.evaluation.loss import validation_loss
+
+    run = RunDir(recipe.run_dir)
+    results = {}
+    with timed(run, "eval"):
+        validation = _local_split(run.split("validation"))
+        candidates = [("teacher", run.teacher)]
+        if run.teacher_corrected.exists():
+            candidates.append(("teacher (corrected)", run.teacher_corrected))
+        candidates += [(f"pruned/{p.name}", p) for p in sorted((run.root / "pruned").glob("*"))]
+        candidates += [(f"distilled/{p.name}", p) for p in sorted((run.root / "distilled").glob("*"))]
+        for label, path in candidates:
+            if not (path / "arch.json").exists():
+                continue
+            model, arch = _load(path, recipe)
+            loss = validation_loss(model, validation, recipe.eval.micro_batch_size)
+            results[label] = {"val_loss": loss, "perplexity": float(torch.tensor(loss).exp()),
+                              "params": arch.num_parameters(), "arch": arch.to_dict()}
+            log(f"[eval] {label:24s} val loss {loss:.4f}  ppl {results[label]['perplexity']:.1f}")
+            del model
+        _write_json(run.eval, results)
+    return results
+
+
+def report(recipe: RecipeConfig) -> str:
+    """Markdown table of the run (+ loss-curve plot) in report.md; returns the markdown."""
+    from nemo_minitron.report import write_report
+
+    run = RunDir(recipe.run_dir)
+    return write_report(run, recipe) if is_rank0() else ""
+
+
+STAGES = {"prepare": prepare, "correct": correct, "score": score, "prune": prune, "distill": distill,
+          "eval": evaluate, "report": report}
+
+
+def run_all(recipe: RecipeConfig) -> str:
+    """Every stage in order (teacher correction only if enabled); returns the report markdown."""
+    for name, stage in STAGES.items():
+        if name == "correct" and not recipe.correct.enabled:
+            continue
+        log(f"\n=== {name} ===")
+        result = stage(recipe)
+    return result

@@ -1,0 +1,36 @@
+import pytest
+
+from nemo_minitron.cli import DEMO_RECIPE
+from nemo_minitron.config import load_recipe
+from nemo_minitron.pruning.plan import PruneTarget
+
+
+def test_demo_recipe_loads_typed():
+    recipe = load_recipe(DEMO_RECIPE)
+    assert isinstance(recipe.prune["width"], PruneTarget)
+    assert recipe.prune["width"].hidden_size == 384
+    assert recipe.prune["depth"].num_layers == 15
+    assert recipe.distill.student == "width"
+
+
+def test_overrides_win_over_file():
+    recipe = load_recipe(DEMO_RECIPE, ["distill.steps=3", "prune.width.hidden_size=192", "data.seq_length=64"])
+    assert (recipe.distill.steps, recipe.prune["width"].hidden_size, recipe.data.seq_length) == (3, 192, 64)
+
+
+@pytest.mark.parametrize("override, words", [
+    (["distill.loss=kl"], ["distill.loss", "forward_kl", "reverse_kl"]),
+    (["distill.student=nope"], ["distill.student", "width", "depth"]),
+    (["distill.global_batch_size=6"], ["distill.global_batch_size", "micro_batch_size"]),
+    (["data.seq_length=0"], ["data.seq_length"]),
+    (["model.fp8=delayed"], ["model.fp8", "transformer_engine"]),
+    (["model.source=/no/such/dir"], ["model.source", "smollm2-135m"]),
+    (["distill.loss=topk_forward_kl"], ["distill.top_k"]),
+    (["distill.stepz=3"], ["stepz"]),
+    (["data.seq_length=abc"], ["seq_length"]),
+])
+def test_bad_settings_name_the_field(override, words):
+    with pytest.raises(ValueError) as err:
+        load_recipe(DEMO_RECIPE, override)
+    for word in words:
+        assert word in str(err.value)
