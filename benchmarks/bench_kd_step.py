@@ -1,0 +1,74 @@
+"""Overhead of the distillation step: time of one KD training step (trainer.train: teacher forward, student
+forward, vocab-parallel forward KL, backward, DDP grad finalisation, clipped Adam step, scheduler) divided by the
+time of its unavoidable parts measured alone in the same run (teacher forward + student forward/backward with a
+plain cross-entropy). The two are measured alternately (the machine may be shared); medians after warm-up.
+
+Run: .venv/bin/python benchmarks/bench_kd_step.py  (records kd_step_overhead_ratio in benchmarks/results.json)
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.results import record  # noqa: E402
+from nemo_minitron.distillation.teacher import Teacher  # noqa: E402
+from nemo_minitron.distillation.trainer import TrainConfig, train  # noqa: E402
+from nemo_minitron.models.arch import ModelArch  # noqa: E402
+from nemo_minitron.models.build import build_gpt_model, forward_logits  # noqa: E402
+from nemo_minitron.runtime.distributed import ParallelConfig, destroy_distributed, device, init_distributed  # noqa
+
+ARCH = ModelArch(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8, num_query_groups=4,
+                 vocab_size=8192, kv_channels=32, max_position_embeddings=256)
+BATCH, SEQ, WARMUP, REPEATS = 4, 128, 1, 7
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    init_distributed(ParallelConfig(), seed=0)
+    teacher = Teacher(build_gpt_model(ARCH))
+    baseline_student = build_gpt_model(ARCH)
+    sequences = torch.randint(0, ARCH.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    tokens, labels = sequences[:, :-1].to(device()), sequences[:, 1:].to(device())
+
+    def student_forward_backward():
+        baseline_student.zero_grad(set_to_none=True)
+        vocab_parallel_cross_entropy(forward_logits(baseline_student, tokens).float(), labels).mean().backward()
+
+    # The machine is shared: measure the baseline and the KD step alternately, REPEATS times each. Every
+    # repetition trains a fresh student for WARMUP + 1 steps and times the last one.
+    cfg = TrainConfig(steps=WARMUP + 1, micro_batch_size=BATCH, global_batch_size=BATCH, lr=1e-4, min_lr=1e-5)
+    baselines, kd_steps = [], []
+    for _ in range(REPEATS + 1):
+        teacher_forward = _seconds(lambda: teacher.logits(tokens))
+        baselines.append(teacher_forward + _seconds(student_forward_backward))
+        history = train(build_gpt_model(ARCH), sequences, cfg, teacher=teacher, progress=False)
+        kd_steps.append(history[-1]["seconds"])
+    baselines, kd_steps = baselines[1:], kd_steps[1:]  # the first repetition warms up
+    kd_step, parts = statistics.median(kd_steps), statistics.median(baselines)
+    record("kd_step_overhead_ratio", kd_step / parts, kd_step_s=round(kd_step, 4),
+           teacher_forward_plus_student_fwd_bwd_s=round(parts, 4), ratio_of_minimums=round(min(kd_steps) /
+           min(baselines), 4), repeats=REPEATS, arch="4 layers, hidden 256, ffn 768, vocab 8192",
+           batch=f"{BATCH}x{SEQ}", device=str(device()), threads=torch.get_num_threads())
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Training loop for teacher correction (LM fine-tuning) and logit distillation, on Megatron-Core's own engine.
+
+One step: the student (wrapped in Megatron-Core's DistributedDataParallel) runs ``forward_backward_func`` (the
+pipeline schedules) over the micro-batches of one global batch with a per-token loss; the schedule calls
+``finalize_model_grads``, which sums the gradients over data-parallel ranks and divides them by the global token
+count, so the update is that of the mean per-token loss of the global batch; then the Megatron optimizer (Adam
+with gradient clipping) steps and OptimizerParamScheduler sets the next learning rate (linear warmup from 0, cosine
+decay to min_lr).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.distillation.losses import VocabParallelKDLoss
+from nemo_minitron.distillation.teacher import CachedTeacher, CachedTopKKLLoss
+from nemo_minitron.evaluation.loss import lm_forward_step, micro_batches, validation_loss
+from nemo_minitron.models.build import causal_inputs
+from nemo_minitron.runtime.distributed import device
+
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; one step consumes global_batch_size sequences."""
+
+    steps: int
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    lr: float = 1e-4  # peak
+    min_lr: float = 1e-5
+    warmup_steps: int = 0  # Megatron's linear warmup: step k (1-based) runs at lr * (k - 1) / warmup_steps
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # 0 disables clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    log_interval: int = 1  # history entries (and progress-bar updates) every log_interval steps
+    eval_interval: int = 0  # 0 = validate at the end only
+    save_interval: int = 0  # 0 = save at the end only
+    seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_interval", "save_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        for name in ("weight_decay", "clip_grad"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                             f"train.micro_batch_size ({self.micro_batch_size})")
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        """global_batch_size / (micro_batch_size * data_parallel_size), which must be a whole number."""
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                             f"train.micro_batch_size * data-parallel size = {self.micro_batch_size} * "
+                             f"{data_parallel_size}")
+        return self.global_batch_size // per_step
+
+
+def global_batch(sequences: torch.Tensor, step: int, global_batch_size: int, seed: int) -> torch.Tensor:
+    """Rows of step ``step`` (0-based): positions [step * G, (step + 1) * G) of the concatenated epochs, epoch e
+    being a permutation of the sequences drawn from seed + e."""
+    n = sequences.shape[0]
+    positions = torch.arange(step * global_batch_size, (step + 1) * global_batch_size)
+    epochs = positions // n
+    rows = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        hit = epochs == epoch
+        rows[hit] = order[positions[hit] % n]
+    return sequences[rows]
+
+
+def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float):
+    """Megatron forward_step_func for distillation: per-token kd_loss(student, teacher) (+ lm_loss_weight * LM
+    cross-entropy), summed with its token count."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens, labels = batch["tokens"], batch["labels"]
+        targets = teacher.targets(tokens)
+        position_ids, mask = causal_inputs(tokens)
+        logits = model(tokens, position_ids, mask)
+
+        def loss_func(logits: torch.Tensor):
+            loss_mask = torch.ones_like(labels, dtype=torch.bool)
+            kd = kd_loss(logits, targets, loss_mask).float()
+            count = torch.tensor(labels.numel(), device=logits.device, dtype=torch.int)
+            report = {"kd loss": torch.stack([kd.sum().detach(), count.float()])}
+            per_token = kd
+            if lm_loss_weight > 0:
+                lm = vocab_parallel_cross_entropy(logits.float(), labels)
+                report["lm loss"] = torch.stack([lm.sum().detach(), count.float()])
+                per_token = kd + lm_loss_weight * lm
+            return per_token.sum(), count, report
+
+        return logits, loss_func
+
+    return forward_step
+
+
+def _reduce_reports(outputs: list[dict]) -> dict[str, float]:
+    """Token-weighted means of the reported losses over micro-batches and data-parallel ranks (every rank)."""
+    from megatron.core import parallel_state
+
+    names = ["kd loss", "lm loss"]
+    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
+    if parallel_state.is_pipeline_last_stage():
+        for out in outputs:
+            for i, name in enumerate(names):
+                if name in out:
+                    sums[i] += out[name].double()
+    dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    return {name.replace(" ", "_"): (sums[i, 0] / sums[i, 1]).item() for i, name in enumerate(names)
+            if sums[i, 1] > 0}
+
+
+def _is_rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict]) -> None:
+    """checkpoint_dir/iter_{step:07d}/: model weights (save_checkpoint: dist_checkpointing + arch.json, loadable by
+    load_checkpoint), optimizer/ (dist_checkpointing of optimizer.sharded_state_dict), trainer_state.json (step,
+    consumed samples, scheduler, history); then checkpoint_dir/latest names it."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_minitron.models.checkpoint import save_checkpoint
+
+    iter_dir = checkpoint_dir / f"iter_{step:07d}"
+    if _is_rank0() and iter_dir.exists():
+        shutil.rmtree(iter_dir)
+    dist.barrier()
+    save_checkpoint(model, arch, iter_dir)
+    if _is_rank0():
+        (iter_dir / "optimizer").mkdir()
+    dist.barrier()
+    dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict()), str(iter_dir / "optimizer"))
+    if _is_rank0():
+        state = {"step": step, "scheduler": scheduler.state_dict(), "history": history}
+        (iter_dir / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        (checkpoint_dir / LATEST).write_text(iter_dir.name + "\n")
+    dist.barrier()
+
+
+def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Load the checkpoint named by checkpoint_dir/latest into model, optimizer and scheduler in place; returns
+    (step, history)."""
+    from megatron.core import dist_checkpointing
+
+    iter_dir = checkpoint_dir / (checkpoint_dir / LATEST).read_text().strip()
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir)))
+    optimizer_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+    optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, str(iter_dir / "optimizer")))
+    state = json.loads((iter_dir / TRAINER_STATE).read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["history"]
+
+
+def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=None, kd_loss=None,
+          lm_loss_weight: float = 0.0, validation: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
+          arch=None, resume: bool = True, progress: bool = True) -> list[dict]:
+    """Train ``model`` (this rank's Megatron-Core GPTModel) in place for cfg.steps steps; returns the history.
+
+    teacher=None: LM fine-tuning (teacher correction), loss = mean next-token cross-entropy.
+    teacher (Teacher or CachedTeacher): loss = mean kd_loss(student_logits, teacher.targets(tokens)) per token
+        (+ lm_loss_weight * cross-entropy); kd_loss defaults to VocabParallelKDLoss() (forward KL) for a Teacher
+        and CachedTopKKLLoss() for a CachedTeacher. Tensor and data parallelism; no pipeline parallelism yet.
+    train_sequences: packed token sequences [n, s + 1], the same on every rank; step k takes sequences
+        [k * G, (k + 1) * G) of seeded epoch shuffles (``global_batch``), data-parallel rank r its r-th slice.
+    validation: sequences [m, s + 1] (the same on every rank): validation loss every cfg.eval_interval steps and
+        at the end.
+    checkpoint_dir: save every cfg.save_interval steps and at the end (needs ``arch``, the student's ModelArch);
+        with resume, continue from checkpoint_dir/latest when it exists.
+    History: one dict per logged step: step, lr, loss (the minimised objective), kd_loss / lm_loss (components),
+    grad_norm, seconds, and val_loss at evaluation steps.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    num_microbatches = cfg.num_microbatches(dp_size)
+    if train_sequences.ndim != 2 or train_sequences.shape[1] < 2:
+        raise ValueError(f"train_sequences must be [n, s + 1] with s >= 1, got shape {tuple(train_sequences.shape)}")
+    if validation is not None and validation.shape[0] % (cfg.micro_batch_size * dp_size):
+        raise ValueError(f"validation: {validation.shape[0]} sequences must be a multiple of micro_batch_size * "
+                         f"data-parallel size = {cfg.micro_batch_size * dp_size}")
+    if checkpoint_dir is not None and arch is None:
+        raise ValueError("train: checkpoint_dir needs arch (the student's ModelArch, saved with its weights)")
+    if lm_loss_weight < 0:
+        raise ValueError(f"train.lm_loss_weight must be >= 0, got {lm_loss_weight}")
+    if teacher is None:
+        if kd_loss is not None:
+            raise ValueError("train: kd_loss needs a teacher")
+        forward_step = lm_forward_step
+    else:
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError("distillation with pipeline parallelism")
+        if kd_loss is None:
+            kd_loss = CachedTopKKLLoss() if isinstance(teacher, CachedTeacher) else VocabParallelKDLoss()
+        forward_step = _kd_forward_step(teacher, kd_loss, lm_loss_weight)
+    seq_length = train_sequences.shape[1] - 1
+
+    config = model.config
+    saved_config = {name: getattr(config, name) for name in
+                    ("calculate_per_token_loss", "finalize_model_grads_func", "grad_scale_func", "no_sync_func")}
+    config.calculate_per_token_loss = True  # loss_func returns (sum, tokens); finalize_model_grads divides
+    ddp_model = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                              use_distributed_optimizer=False), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, bf16=config.bf16,
+        fp16=config.fp16, params_dtype=config.params_dtype), [ddp_model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=cfg.steps, wd_incr_style="constant")
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ddp_model.no_sync
+
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    step, history = 0, []
+    if checkpoint_dir is not None and resume and (checkpoint_dir / LATEST).is_file():
+        step, history = _load(checkpoint_dir, model, optimizer, scheduler)
+    local_validation = None
+    if validation is not None:
+        per_rank = validation.shape[0] // dp_size
+        local_validation = validation[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+    bar = None
+    if progress and dist.get_rank() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="distill" if teacher is not None else "train", unit="step")
+    per_rank = cfg.global_batch_size // dp_size
+    try:
+        model.train()
+        while step < cfg.steps:
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            batch = global_batch(train_sequences, step, cfg.global_batch_size, cfg.seed)
+            local = batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            ddp_model.zero_grad_buffer()
+            optimizer.zero_grad()
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=micro_batches(local, cfg.micro_batch_size),
+                model=[ddp_model], num_microbatches=num_microbatches, seq_length=seq_length,
+                micro_batch_size=cfg.micro_batch_size, forward_only=False)
+            update_successful, grad_norm, _ = optimizer.step()
+            if update_successful:  # fp16 loss scaling skips steps with inf / NaN gradients
+                scheduler.step(increment=1)
+            step += 1
+            losses = _reduce_reports(outputs)
+            loss = (losses["lm_loss"] if teacher is None
+                    else losses["kd_loss"] + lm_loss_weight * losses.get("lm_loss", 0.0))
+            entry = {"step": step, "lr": lr, "loss": loss, **losses, "grad_norm": grad_norm,
+                     "seconds": time.perf_counter() - start}
+            last = step == cfg.steps
+            if local_validation is not None and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+                entry["val_loss"] = validation_loss(model, local_validation, cfg.micro_batch_size)
+            if last or step % cfg.log_interval == 0 or "val_loss" in entry:
+                history.append(entry)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if bar is not None:
+                bar.update(1)
+            if checkpoint_dir is not None and (last or (cfg.save_interval and step % cfg.save_interval == 0)):
+                _save(checkpoint_dir, step, model, arch, optimizer, scheduler, history)
+    finally:
+        if bar is not None:
+            bar.close()
+        for name, value in saved_config.items():
+            setattr(config, name, value)
+    return history
+
