@@ -26,21 +26,21 @@ def model_table(results: dict) -> str:
 
 
 def plot_loss_curves(histories: dict[str, list[dict]], baselines: dict[str, float], path: Path) -> None:
-    """Training loss per step (and validation loss where measured) of each training stage."""
+    """Training objective per step and validation LM loss where measured, against the baselines' LM loss."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, history in histories.items():
         steps = [h["step"] for h in history]
-        ax.plot(steps, [h["loss"] for h in history], marker=".", label=f"{label}: train loss")
+        ax.plot(steps, [h["loss"] for h in history], marker=".", label=f"{label}: training objective")
         evals = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
         if evals:
             ax.plot(*zip(*evals), marker="o", linestyle="--", label=f"{label}: validation LM loss")
-    for label, value in baselines.items():
-        ax.axhline(value, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, color="grey", va="bottom")
+    colors = ["tab:gray", "tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
+    for (label, value), color in zip(baselines.items(), colors * 4):
+        ax.axhline(value, color=color, linestyle=":", linewidth=1.2, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title("Training curves")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
