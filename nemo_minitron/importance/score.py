@@ -1,0 +1,119 @@
+"""Importance scoring entry point: one forward-only calibration pass (width + Block Influence), then the
+optional loss-based depth metrics on validation sequences."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nemo_minitron.evaluation.loss import validation_loss
+from nemo_minitron.importance.depth import BlockInfluence, block_losses
+from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.importance.width import BATCH_AGGS, SEQ_AGGS, WidthCollector, unwrap
+from nemo_minitron.models.arch import ModelArch
+from nemo_minitron.runtime.distributed import device
+
+DEPTH_METRICS = ("block_influence", "lm_loss_drop")
+
+
+def _check_sequences(name: str, sequences, micro_batch_size: int) -> None:
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype.is_floating_point:
+        raise ValueError(f"importance.{name} must be an integer token tensor [n, seq_length + 1]")
+    n, length = sequences.shape
+    if n == 0 or n % micro_batch_size or length < 2:
+        raise ValueError(f"importance.{name}: need a positive multiple of micro_batch_size={micro_batch_size} "
+                         f"sequences of at least 2 tokens, got shape {tuple(sequences.shape)}")
+
+
+def _validate(model, arch: ModelArch, calibration, validation, micro_batch_size, seq_agg, batch_agg,
+              depth_metrics, block_sizes) -> None:
+    if seq_agg not in SEQ_AGGS:
+        raise ValueError(f"importance.seq_agg must be one of {SEQ_AGGS}, got {seq_agg!r}")
+    if batch_agg not in BATCH_AGGS:
+        raise ValueError(f"importance.batch_agg must be one of {BATCH_AGGS}, got {batch_agg!r}")
+    unknown = [m for m in depth_metrics if m not in DEPTH_METRICS]
+    if unknown:
+        raise ValueError(f"importance.depth_metrics: unknown {unknown}; allowed: {DEPTH_METRICS}")
+    bad = [k for k in block_sizes if not isinstance(k, int) or not 1 <= k <= arch.num_layers]
+    if bad:
+        raise ValueError(f"importance.block_sizes must be integers in 1..num_layers={arch.num_layers}, got {bad}")
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"importance.micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    config = unwrap(model).config
+    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "kv_channels"):
+        if getattr(config, field) != getattr(arch, field):
+            raise ValueError(f"importance: arch.{field}={getattr(arch, field)} but the model has "
+                             f"{getattr(config, field)}")
+    _check_sequences("calibration", calibration, micro_batch_size)
+    if "lm_loss_drop" in depth_metrics or block_sizes:
+        if validation is None:
+            raise ValueError("importance.validation sequences are needed for depth_metrics 'lm_loss_drop' and "
+                             "block_sizes")
+        _check_sequences("validation", validation, micro_batch_size)
+
+
+@contextlib.contextmanager
+def _progress(model, total: int, desc: str):
+    """A rank-0 tqdm bar advanced by every forward call of ``model`` (one per micro-batch)."""
+    with tqdm(total=total, desc=desc, unit="batch", disable=dist.get_rank() != 0) as bar:
+
+        def advance(module, args):
+            bar.update(1)  # a pre-hook's non-None return value would replace the forward's arguments
+
+        handle = model.register_forward_pre_hook(advance)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, validation: torch.Tensor | None = None,
+                       *, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
+                       depth_metrics=("block_influence",), block_sizes=()) -> ImportanceScores:
+    """Importance scores of ``model`` (this rank's TP shard / PP stage) from forward passes only.
+
+    calibration / validation: packed token sequences [n, seq_length + 1] of this data-parallel rank (each DP rank
+    passes its own share; statistics are summed over DP ranks). Width scores and Block Influence come from one
+    forward pass over ``calibration`` through Megatron's pipeline schedule, which also gives the calibration loss.
+    depth_metrics: "block_influence" (calibration pass) and/or "lm_loss_drop" (validation loss with layer l
+    skipped minus the unpruned validation loss). block_sizes: for each k, blocks[k][start] is the validation loss
+    with layers start..start+k-1 skipped. Aggregations: see nemo_minitron.importance.width. Collective: every
+    rank calls it; every rank returns the same full-size scores.
+    """
+    from megatron.core import parallel_state
+
+    depth_metrics, block_sizes = tuple(depth_metrics), tuple(block_sizes)
+    _validate(model, arch, calibration, validation, micro_batch_size, seq_agg, batch_agg, depth_metrics,
+              block_sizes)
+    with contextlib.ExitStack() as hooks:
+        width = hooks.enter_context(WidthCollector(model, seq_agg))
+        influence = hooks.enter_context(BlockInfluence(model)) if "block_influence" in depth_metrics else None
+        hooks.enter_context(_progress(model, calibration.shape[0] // micro_batch_size, "importance calibration"))
+        calibration_loss = validation_loss(model, calibration, micro_batch_size)
+    scores = ImportanceScores(**width.scores(batch_agg))
+    if influence is not None:
+        scores.layers["block_influence"] = influence.scores()
+    sequences = torch.tensor([calibration.shape[0]], device=device())
+    dist.all_reduce(sequences, group=parallel_state.get_data_parallel_group())
+    scores.meta = {
+        "seq_agg": seq_agg, "batch_agg": batch_agg, "depth_metrics": list(depth_metrics),
+        "block_sizes": list(block_sizes), "micro_batch_size": micro_batch_size,
+        "calibration_sequences": int(sequences.item()),
+        "calibration_seq_length": calibration.shape[1] - 1,
+        "calibration_loss": calibration_loss,
+    }
+    if "lm_loss_drop" in depth_metrics or block_sizes:
+        baseline = validation_loss(model, validation, micro_batch_size)
+        scores.meta["validation_loss"] = baseline
+        # lm_loss_drop is the k=1 block search minus the baseline: one pass serves both.
+        for k in sorted(set(block_sizes) | ({1} if "lm_loss_drop" in depth_metrics else set())):
+            losses = block_losses(model, validation, k, micro_batch_size)
+            if k in block_sizes:
+                scores.blocks[k] = losses
+            if k == 1 and "lm_loss_drop" in depth_metrics:
+                scores.layers["lm_loss_drop"] = losses - baseline
+    return scores
