@@ -5,7 +5,8 @@
   minitron STAGE --run DIR [key=value ...]         re-run one stage on an existing run folder
   minitron STAGE --recipe FILE [key=value ...]     one stage of a recipe
 
-STAGE is one of prepare, correct, score, prune, distill, eval, report. Under torchrun / srun every rank runs the
+STAGE is one of prepare, correct-teacher (settings: the recipe's `correct` section), score, prune, distill,
+eval, report. Under torchrun / srun every rank runs the
 same command (set parallel.tensor_model_parallel_size / pipeline_model_parallel_size).
 """
 

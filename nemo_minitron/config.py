@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_minitron.distillation.losses import KINDS as KD_LOSSES
+from nemo_minitron.models.arch import check_transformer_impl
 from nemo_minitron.pruning.plan import PruneTarget
 from nemo_minitron.runtime.distributed import ParallelConfig
 
@@ -111,10 +112,7 @@ class RecipeConfig:
 
     def validate(self) -> "RecipeConfig":
         """Check every setting that can be checked without loading the model or data."""
-        _choice("model.transformer_impl", self.model.transformer_impl, ("local", "transformer_engine"))
-        _choice("model.fp8", self.model.fp8, (None, "delayed", "tensorwise"))
-        if self.model.fp8 is not None and self.model.transformer_impl != "transformer_engine":
-            raise ValueError("model.fp8 needs model.transformer_impl: transformer_engine")
+        check_transformer_impl(self.model.transformer_impl, self.model.fp8)
         if self.model.source != EMBEDDED_MODEL and not Path(self.model.source).is_dir():
             raise ValueError(f"model.source: {self.model.source!r} is neither {EMBEDDED_MODEL!r} nor a local "
                              "Hugging Face checkpoint directory")

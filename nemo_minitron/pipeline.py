@@ -102,11 +102,12 @@ def _local_split(sequences: torch.Tensor) -> torch.Tensor:
     return sequences[rank * share:(rank + 1) * share]
 
 
-def _load(path: Path, recipe: RecipeConfig, for_pruning: bool = False):
-    """(model, arch) from a Megatron-Core checkpoint folder; pruning works on the local (non-TE) layer spec."""
+def _load(path: Path, recipe: RecipeConfig, local: bool = False):
+    """(model, arch) from a Megatron-Core checkpoint folder; scoring and pruning hook / slice the modules of the
+    local (non-Transformer-Engine) layer spec, so they ask for it with ``local``."""
     from nemo_minitron.models.checkpoint import load_checkpoint
 
-    if for_pruning:
+    if local:
         return load_checkpoint(path, transformer_impl="local")
     return load_checkpoint(path, transformer_impl=recipe.model.transformer_impl, fp8=recipe.model.fp8)
 
@@ -181,7 +182,7 @@ def correct(recipe: RecipeConfig) -> None:
     from nemo_minitron.models.checkpoint import save_checkpoint
 
     run = RunDir(recipe.run_dir)
-    with timed(run, "correct"):
+    with timed(run, "correct-teacher"):
         model, arch = _load(run.require(run.teacher, "prepare"), recipe)
         history = _train(recipe, recipe.correct, model, arch, run, run.teacher_corrected)
         save_checkpoint(model, arch, run.teacher_corrected)
@@ -195,7 +196,7 @@ def score(recipe: RecipeConfig) -> None:
 
     run = RunDir(recipe.run_dir)
     with timed(run, "score"):
-        model, arch = _load(run.require(run.active_teacher(), "prepare"), recipe)
+        model, arch = _load(run.require(run.active_teacher(), "prepare"), recipe, local=True)
         s = recipe.score
         validation = run.split("validation")[: s.num_validation]
         scores = compute_importance(
@@ -225,7 +226,7 @@ def prune(recipe: RecipeConfig) -> None:
         scores = ImportanceScores.load(run.scores)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         for name, target in recipe.prune.items():
-            model, arch = _load(run.active_teacher(), recipe, for_pruning=True)
+            model, arch = _load(run.active_teacher(), recipe, local=True)
             plan = make_plan(arch, scores, target, tp_size=tp)
             new_arch = apply_plan(model, arch, plan)
             save_checkpoint(model, new_arch, run.pruned(name))
@@ -295,14 +296,14 @@ def report(recipe: RecipeConfig) -> str:
     return write_report(run, recipe) if is_rank0() else ""
 
 
-STAGES = {"prepare": prepare, "correct": correct, "score": score, "prune": prune, "distill": distill,
+STAGES = {"prepare": prepare, "correct-teacher": correct, "score": score, "prune": prune, "distill": distill,
           "eval": evaluate, "report": report}
 
 
 def run_all(recipe: RecipeConfig) -> str:
     """Every stage in order (teacher correction only if enabled); returns the report markdown."""
     for name, stage in STAGES.items():
-        if name == "correct" and not recipe.correct.enabled:
+        if stage is correct and not recipe.correct.enabled:
             continue
         log(f"\n=== {name} ===")
         result = stage(recipe)

@@ -12,9 +12,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def minitron(*args, timeout=900):
+def minitron(*args, timeout=900, nproc=1):
+    """Run the CLI in a fresh process (under torch.distributed.run with ``nproc`` gloo ranks when > 1)."""
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "nemo_minitron.cli", *args], cwd=REPO, env=env,
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    proc = subprocess.run([sys.executable, *launcher, "-m", "nemo_minitron.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"minitron {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
@@ -27,16 +29,27 @@ def tiny_overrides(inputs: Path, run_dir: Path) -> list[str]:
         "score.block_sizes=[2]", "prune.width.hidden_size=48", "prune.width.ffn_hidden_size=64",
         "prune.width.num_attention_heads=2", "prune.depth.num_layers=2", "distill.steps=8",
         "distill.global_batch_size=8", "distill.lr=3e-3", "distill.min_lr=3e-4", "distill.warmup_steps=1",
-        "distill.eval_interval=4",
+        "distill.eval_interval=4", "correct.enabled=true", "correct.steps=2", "correct.global_batch_size=8",
+        "correct.lr=1e-3", "correct.min_lr=1e-4", "correct.warmup_steps=0",
     ]
 
 
-def test_tiny_recipe_end_to_end(tiny_hf_run_inputs, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tiny_hf_run_inputs, tmp_path_factory):
+    """Every stage of the demo recipe, shrunk to the tiny model, at TP=1: (run folder, CLI output)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
     out = minitron("run", "--recipe", str(REPO / "recipes" / "demo.yaml"), *tiny_overrides(tiny_hf_run_inputs, run_dir))
+    return run_dir, out
+
+
+def test_tiny_recipe_end_to_end(tiny_run):
+    run_dir, out = tiny_run
     assert "| distilled/width |" in out
     results = json.loads((run_dir / "eval.json").read_text())
-    assert set(results) == {"teacher", "pruned/width", "pruned/depth", "distilled/width"}
+    assert set(results) == {"teacher", "teacher (corrected)", "pruned/width", "pruned/depth", "distilled/width"}
+    # Teacher correction fine-tunes on the train split: the validation loss moves, and it is what gets pruned.
+    assert results["teacher (corrected)"]["val_loss"] != results["teacher"]["val_loss"]
+    assert json.loads((run_dir / "teacher_corrected" / "history.json").read_text())[-1]["step"] == 2
     assert results["pruned/width"]["arch"]["hidden_size"] == 48
     assert results["pruned/depth"]["arch"]["num_layers"] == 2
     assert results["pruned/width"]["params"] < results["teacher"]["params"]
@@ -53,11 +66,29 @@ def test_tiny_recipe_end_to_end(tiny_hf_run_inputs, tmp_path):
     assert list((run_dir / "scores").glob("*.png"))
 
     # A stage re-runs alone on the run folder and reproduces its numbers.
-    (run_dir / "eval.json").unlink()
+    (run_dir / "eval.json").rename(run_dir / "eval_first.json")
     minitron("eval", "--run", str(run_dir))
     again = json.loads((run_dir / "eval.json").read_text())
     for label, r in results.items():
         assert again[label]["val_loss"] == pytest.approx(r["val_loss"], abs=1e-6)
+
+
+def test_tiny_recipe_at_tp2_matches_tp1(tiny_run, tiny_hf_run_inputs, tmp_path):
+    """The same recipe on 2 gloo ranks (TP=2): identical scores, teacher and depth-pruned losses; KD runs."""
+    from safetensors.torch import load_file
+
+    tp1_dir, _ = tiny_run
+    run_dir = tmp_path / "tp2"
+    minitron("run", "--recipe", str(REPO / "recipes" / "demo.yaml"), *tiny_overrides(tiny_hf_run_inputs, run_dir),
+             "parallel.tensor_model_parallel_size=2", nproc=2)
+    tp1, tp2 = (json.loads((d / "eval.json").read_text()) for d in (tp1_dir, run_dir))
+    for label in ("teacher", "teacher (corrected)", "pruned/depth"):
+        assert tp2[label]["val_loss"] == pytest.approx(tp1[label]["val_loss"], abs=1e-4), label
+    s1, s2 = (load_file(str(d / "scores" / "scores.safetensors")) for d in (tp1_dir, run_dir))
+    for key in s1:
+        assert torch.allclose(s1[key], s2[key], rtol=1e-3, atol=1e-5), key
+    history = json.loads((run_dir / "distilled" / "width" / "history.json").read_text())
+    assert history[-1]["loss"] < history[0]["loss"]
 
 
 def test_bad_target_fails_before_compute(tiny_hf_run_inputs, tmp_path):

@@ -71,6 +71,26 @@ class ModelArch:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and a CUDA device is present (its layers and FP8 need both)."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
+    """Raise ValueError unless (transformer_impl, fp8) is a valid choice that this machine can run."""
+    if transformer_impl not in ("local", "transformer_engine"):
+        raise ValueError(f"model.transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
+    if fp8 not in (None, "delayed", "tensorwise"):
+        raise ValueError(f"model.fp8 must be null, 'delayed' or 'tensorwise', got {fp8!r}")
+    if fp8 is not None and transformer_impl != "transformer_engine":
+        raise ValueError("model.fp8 needs model.transformer_impl='transformer_engine'")
+    if transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise ValueError("model.transformer_impl='transformer_engine' needs Transformer Engine and a GPU (it ships in "
+                         "the NeMo Framework container); use model.transformer_impl='local' here")
+
+
 def transformer_config(arch: ModelArch, *, transformer_impl: str = "local", fp8: str | None = None,
                        params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
     """Megatron-Core TransformerConfig for ``arch`` under the current parallel state.
@@ -81,16 +101,9 @@ def transformer_config(arch: ModelArch, *, transformer_impl: str = "local", fp8:
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
-    if transformer_impl not in ("local", "transformer_engine"):
-        raise ValueError(f"model.transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
-    if fp8 is not None and transformer_impl != "transformer_engine":
-        raise ValueError("model.fp8 needs model.transformer_impl='transformer_engine'")
+    check_transformer_impl(transformer_impl, fp8)
     on_gpu = torch.cuda.is_available()
-    fp8_kwargs = {}
-    if fp8 is not None:
-        if fp8 not in ("delayed", "tensorwise"):
-            raise ValueError(f"model.fp8 must be null, 'delayed' or 'tensorwise', got {fp8!r}")
-        fp8_kwargs = dict(fp8="hybrid", fp8_recipe=fp8)
+    fp8_kwargs = {} if fp8 is None else dict(fp8="hybrid", fp8_recipe=fp8)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
