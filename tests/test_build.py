@@ -28,3 +28,15 @@ def _tp_forward(rank, world_size, arch):
 
 def test_tp2_builds_sharded_model(tiny_arch):
     run_distributed(_tp_forward, 2, tiny_arch)
+
+
+def _tp2_rejects_indivisible(rank, world_size, arch):
+    import pytest
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=world_size))
+    with pytest.raises(ValueError, match=r"arch.num_attention_heads=9 is not divisible by parallel.tensor_model"):
+        build_gpt_model(arch.replace(num_attention_heads=9, num_query_groups=3))
+
+
+def test_tp_indivisible_sizes_fail_clearly(tiny_arch):
+    run_distributed(_tp2_rejects_indivisible, 2, tiny_arch)

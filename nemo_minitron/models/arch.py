@@ -39,6 +39,13 @@ class ModelArch:
                 f"arch.num_query_groups ({self.num_query_groups})"
             )
 
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Raise ValueError unless every tensor-parallel-sharded size divides by ``tp_size``."""
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
+            if getattr(self, name) % tp_size:
+                raise ValueError(f"arch.{name}={getattr(self, name)} is not divisible by "
+                                 f"parallel.tensor_model_parallel_size={tp_size}; choose a size that divides it")
+
     def replace(self, **changes) -> "ModelArch":
         return dataclasses.replace(self, **changes)
 
@@ -102,6 +109,7 @@ def transformer_config(arch: ModelArch, *, transformer_impl: str = "local", fp8:
     from megatron.core.transformer import TransformerConfig
 
     check_transformer_impl(transformer_impl, fp8)
+    arch.check_tensor_parallel(parallel_state.get_tensor_model_parallel_world_size())
     on_gpu = torch.cuda.is_available()
     fp8_kwargs = {} if fp8 is None else dict(fp8="hybrid", fp8_recipe=fp8)
     return TransformerConfig(
