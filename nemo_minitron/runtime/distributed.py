@@ -56,13 +56,13 @@ def init_distributed(parallel: ParallelConfig = ParallelConfig(), seed: int = 12
     if not on_gpu:
         apply_cpu_shims()
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "nccl" if on_gpu else "gloo"
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo")
+        if "RANK" in os.environ:  # launched by torchrun / srun wrappers: env:// rendezvous
+            dist.init_process_group(backend)
+        else:  # a lone process: a private rendezvous, leaving the environment (and child processes) untouched
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
