@@ -1,4 +1,5 @@
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -70,6 +71,22 @@ def test_matches_full_vocab_reference(kind, scale):
     assert (grad[mask == 0] == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_float32_precision_on_large_shifted_logits(kind):
+    # LM-like logits (large, offset, teacher shifted from the student): float32 must stay near float64.
+    g = torch.Generator().manual_seed(1)
+    student = 4 * torch.randn(16, 4096, generator=g) + 10
+    teacher = student + 1.5 * torch.randn(16, 4096, generator=g) + 3
+    s = student.clone().requires_grad_()
+    loss = VocabParallelKDLoss(kind)(s, teacher)
+    loss.sum().backward()
+    s64 = student.double().requires_grad_()
+    ref = reference(kind, s64, teacher, temperature=1.0)
+    ref.sum().backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_logits_give_float32_loss(kind):
     student, teacher, mask, weight = _inputs(dtype=torch.bfloat16)
@@ -82,6 +99,19 @@ def test_bf16_logits_give_float32_loss(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_chunked_bf16_with_temperature_matches_reference(kind):
+    # The chunked backward recomputes p_S (and p_T) from the saved log-normalisers of the scaled bf16 logits.
+    student, teacher, mask, weight = _inputs(dtype=torch.bfloat16)
+    module = VocabParallelKDLoss(kind, temperature=T, scale_by_temperature_squared=True, chunk_size=3,
+                                 **_kwargs(kind))
+    loss, grad = _loss_and_grad(module, student, teacher, mask, weight)
+    ref_loss, ref_grad = _reference_loss_and_grad(kind, student, teacher, mask, weight, T**2)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_chunked_equals_unchunked(kind):
     student, teacher, mask, weight = _inputs(shape=(2, 7))
     mask = torch.ones(2, 7)
@@ -89,6 +119,25 @@ def test_chunked_equals_unchunked(kind):
     chunked = _loss_and_grad(VocabParallelKDLoss(kind, chunk_size=4, **_kwargs(kind)), student, teacher, mask, weight)
     torch.testing.assert_close(chunked[0], full[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(chunked[1], full[1], rtol=1e-6, atol=1e-8)
+
+
+def test_logits_changed_in_place_after_the_loss():
+    # Megatron's vocab_parallel_cross_entropy subtracts the max from the logits in place. The unchunked loss keeps
+    # only its gradient, so it is unaffected; the chunked one recomputes from the logits, and autograd refuses.
+    student, teacher, mask, weight = _inputs()
+    _, ref_grad = _reference_loss_and_grad("forward_kl", student, teacher, mask, weight)
+    for chunk_size in (None, 4):
+        leaf = student.clone().requires_grad_()
+        logits = leaf * 1.0
+        loss = VocabParallelKDLoss(temperature=T, chunk_size=chunk_size)(logits, teacher, mask)
+        with torch.no_grad():
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
+        if chunk_size is None:
+            (loss * weight.float()).sum().backward()
+            torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+        else:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                (loss * weight.float()).sum().backward()
 
 
 def test_masked_tokens_change_nothing():
@@ -142,6 +191,10 @@ def test_bad_arguments_raise():
         VocabParallelKDLoss("topk_forward_kl", top_k=65)(student, teacher)
 
 
+def _no_collective(*args, **kwargs):
+    raise AssertionError("collective called in the loss backward")
+
+
 def _tp2_and_dp2_worker(rank, world_size):
     from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 
@@ -155,7 +208,11 @@ def _tp2_and_dp2_worker(rank, world_size):
         for chunk_size in (None, 3):
             module = VocabParallelKDLoss(kind, temperature=T, scale_by_temperature_squared=True,
                                          chunk_size=chunk_size, **_kwargs(kind))
-            loss, grad = _loss_and_grad(module, student[..., shard], teacher[..., shard], mask, weight)
+            s = student[..., shard].requires_grad_()
+            loss = module(s, teacher[..., shard], mask)
+            with mock.patch.multiple("torch.distributed", all_reduce=_no_collective, all_gather=_no_collective):
+                (loss * weight.to(loss.dtype)).sum().backward()  # the backward is local to the vocab shard
+            loss, grad = loss.detach(), s.grad
             torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=f"{kind} {chunk_size}")
             torch.testing.assert_close(grad.double(), ref_grad[..., shard], rtol=1e-4, atol=1e-7,
                                        msg=f"{kind} {chunk_size}")

@@ -6,13 +6,14 @@ two per-token reductions over the TP group,
 
     m = all-reduce MAX of max_v z_v,    Z = all-reduce SUM of sum_v exp(z_v - m),    log p(v) = z_v - m - log Z,
 
-sums the loss terms of its own vocabulary slice, and the slices are summed over the TP group. All math runs in
-float32 (float64 stays float64), whatever the logits' dtype. Only the student receives gradients.
+sums the loss terms of its own vocabulary slice, and the slices are summed over the TP group. The gradient with
+respect to each logit has a closed form in p_S, p_T and per-token sums (``_grad``), so the backward is local to
+each vocabulary shard: no communication. All math runs in float32 (float64 stays float64), whatever the logits'
+dtype. Only the student receives gradients.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -57,17 +58,34 @@ def _check_finite(max_logit: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contain NaN or inf")
 
 
-def _log_softmax(z: torch.Tensor, group, name: str) -> torch.Tensor:
-    """Full-vocabulary log-softmax of the vocab shard z [n, V/TP] (differentiable through Z's all-reduce)."""
-    m = z.detach().amax(dim=-1, keepdim=True)
+def _reduce_max(local_max: torch.Tensor, group, name: str) -> torch.Tensor:
+    """The full-vocabulary maximum [n, 1] from this shard's (all-reduce MAX), checked finite."""
+    m = local_max.detach().clone()
     if group is not None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     _check_finite(m, name)
-    z = z - m
+    return m
+
+
+def _log_softmax(z: torch.Tensor, group, name: str) -> torch.Tensor:
+    """Full-vocabulary log-softmax of the vocab shard z [n, V/TP] (differentiable through Z's all-reduce)."""
+    z = z - _reduce_max(z.detach().amax(dim=-1, keepdim=True), group, name)
     sum_exp = z.exp().sum(dim=-1, keepdim=True)
     if group is not None:
         sum_exp = _AllReduceSum.apply(sum_exp, group, True)
     return z - sum_exp.log()
+
+
+def _softmax(z: torch.Tensor, group, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-vocabulary softmax of the vocab shard z [n, V/TP] (no autograd): p = exp(z - m) / Z [n, V/TP], m and
+    log Z [n, 1], with m = all-reduce MAX of the shards' maxima and Z = all-reduce SUM of sum_v exp(z_v - m).
+    (torch.exp, not the fused softmax, whose fast CPU exponential has ~1e-5 relative error.)"""
+    m = _reduce_max(z.amax(dim=-1, keepdim=True), group, name)
+    p = torch.sub(z, m).exp_()
+    local_sum = p.sum(dim=-1, keepdim=True)
+    if group is not None:
+        dist.all_reduce(local_sum, group=group)
+    return p.div_(local_sum), m, local_sum.log()
 
 
 def _all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
@@ -76,9 +94,10 @@ def _all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _topk_partial_kl(t: torch.Tensor, logp_s: torch.Tensor, k: int, group) -> torch.Tensor:
-    """This shard's terms of sum_{v in K} q(v) (log q(v) - log p_S(v)), where K is the teacher's top-k over the
-    whole vocabulary (a top-k of the ranks' local top-ks: only k values and indices per token are gathered)."""
+def _teacher_top_k(t: torch.Tensor, k: int, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k tokens K over the whole vocabulary (a top-k of the ranks' local top-ks: only k values
+    and indices per token are gathered): log q = log_softmax(t[K]) [n, k], the positions of K in this shard
+    (clamped into range) and whether this shard owns them."""
     shard = t.shape[-1]
     values, index = t.topk(min(k, shard), dim=-1)
     start = 0
@@ -89,34 +108,113 @@ def _topk_partial_kl(t: torch.Tensor, logp_s: torch.Tensor, k: int, group) -> to
         values, pos = values.topk(k, dim=-1)
         index = index.gather(-1, pos)
     _check_finite(values[:, :1], "teacher_logits")
-    log_q = values.log_softmax(dim=-1)
     local = index - start
     owned = (local >= 0) & (local < shard)
-    logp_s_at = logp_s.gather(-1, local.clamp(0, shard - 1))
-    return torch.where(owned, log_q.exp() * (log_q - logp_s_at), 0.0).sum(dim=-1)
+    return values.log_softmax(dim=-1), local.clamp(0, shard - 1), owned
 
 
-class _ChunkedLoss(torch.autograd.Function):
-    """``loss_fn`` applied ``chunk_size`` tokens at a time. Saves only the input logits; backward recomputes each
-    chunk and writes its gradient into one buffer, so only one chunk's float32 intermediates exist at once."""
+def _jsd_log_probs(s, t, lse_s, lse_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p_S, log p_T and log M = log((p_S + p_T) / 2), each [n, V/TP]."""
+    log_p_s, log_p_t = torch.sub(s, lse_s), torch.sub(t, lse_t)
+    return log_p_s, log_p_t, torch.logaddexp(log_p_s, log_p_t).sub_(math.log(2.0))
+
+
+def _forward(kind: str, s: torch.Tensor, t: torch.Tensor, top_k: int | None, group):
+    """The loss terms of this vocabulary shard for the scaled logits s = z_S / T, t = z_T / T [n, V/TP].
+
+    Returns (sums, saved, probs): sums [n, c] are to be summed over the TP group (column 0 is the loss; jsd adds
+    0.5 KL(S || M)); saved are the per-token tensors the backward needs (log-normalisers, top-k targets); probs
+    = (p_S, p_T or None) are the [n, V/TP] probabilities the backward needs, which it may also recompute.
+    """
+    p_s, m_s, log_z_s = _softmax(s, group, "student_logits")
+    lse_s = m_s + log_z_s
+    if kind == "topk_forward_kl":
+        log_q, local, owned = _teacher_top_k(t, top_k, group)
+        q = torch.where(owned, log_q.exp(), 0.0)
+        return (q * (log_q - s.gather(-1, local) + lse_s)).sum(-1, keepdim=True), (lse_s, q, local), (p_s, None)
+    p_t, m_t, log_z_t = _softmax(t, group, "teacher_logits")
+    # lse_S - lse_T with m and log Z apart: lse = m + log Z rounds at the scale of the logits, its difference too.
+    saved = (lse_s, m_t + log_z_t, (m_s - m_t) + (log_z_s - log_z_t))
+    if kind == "jsd":
+        log_p_s, log_p_t, log_m = _jsd_log_probs(s, t, *saved[:2])
+        kl_sm = log_p_s.sub_(log_m).mul_(p_s).sum(-1, keepdim=True)
+        kl_tm = log_p_t.sub_(log_m).mul_(p_t).sum(-1, keepdim=True)
+        return torch.cat([0.5 * (kl_tm + kl_sm), 0.5 * kl_sm], dim=-1), saved, (p_s, None)
+    # KL(A || B) = sum_v p_A (log p_A - log p_B), with log p_S - log p_T = (s - t) - (lse_S - lse_T)
+    if kind == "forward_kl":
+        return torch.sub(t, s).add_(saved[2]).mul_(p_t).sum(-1, keepdim=True), saved, (p_s, p_t)
+    return torch.sub(s, t).sub_(saved[2]).mul_(p_s).sum(-1, keepdim=True), saved, (p_s, None)
+
+
+def _grad(kind: str, s, t, p_s, p_t, sums, saved) -> torch.Tensor:
+    """d loss / d s [n, V/TP] of this shard (purely local), written into p_S:
+      forward_kl: p_S - p_T
+      reverse_kl: p_S (log p_S - log p_T - KL(S || T))
+      jsd:        p_S (0.5 log(p_S / M) - 0.5 KL(S || M))
+      topk:       p_S - q (q on K, 0 elsewhere)
+    """
+    if kind == "forward_kl":
+        return p_s.sub_(p_t)
+    if kind == "topk_forward_kl":
+        return p_s.scatter_add_(-1, saved[2], -saved[1])
+    lse_s, lse_t, lse_diff = saved
+    if kind == "reverse_kl":
+        return p_s.mul_(torch.sub(s, t).sub_(lse_diff + sums[:, :1]))
+    log_p_s, _, log_m = _jsd_log_probs(s, t, lse_s, lse_t)
+    return p_s.mul_(log_p_s.sub_(log_m).mul_(0.5).sub_(sums[:, 1:]))
+
+
+def _scaled(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z / T in float32 (float64 stays float64); z itself when that changes nothing."""
+    s = z.to(torch.promote_types(z.dtype, torch.float32))
+    if temperature == 1.0:
+        return s
+    return s / temperature if s is z else s.div_(temperature)
+
+
+class _TokenLoss(torch.autograd.Function):
+    """Per-token loss [n] of the logit shards [n, V/TP], ``chunk_size`` tokens at a time, with the closed-form
+    gradient of ``_grad``, which needs no communication. With one chunk the forward computes the gradient from
+    its own probabilities and keeps only that (not the logits, which a later in-place loss may change); with
+    several it keeps the logits and per-token values, and the backward recomputes p_S = exp(s - lse_S) (and p_T)
+    chunk by chunk, so only one chunk's float32 [tokens, V/TP] tensors exist at once."""
 
     @staticmethod
-    def forward(ctx, loss_fn, chunk_size, student, teacher):
-        ctx.loss_fn, ctx.chunk_size = loss_fn, chunk_size
-        ctx.save_for_backward(student, teacher)
-        return torch.cat([loss_fn(s, t) for s, t in zip(student.split(chunk_size), teacher.split(chunk_size))])
+    def forward(ctx, student, teacher, kind, temperature, top_k, chunk_size, group, needs_grad):
+        sums, saved = [], []
+        for z_s, z_t in zip(student.split(chunk_size), teacher.split(chunk_size)):
+            s, t = _scaled(z_s, temperature), _scaled(z_t, temperature)
+            chunk_sums, chunk_saved, probs = _forward(kind, s, t, top_k, group)
+            sums.append(chunk_sums)
+            saved.append(chunk_saved)
+        sums = torch.cat(sums)
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+        saved = [torch.cat(x) for x in zip(*saved)]
+        ctx.kind, ctx.temperature, ctx.chunk_size, ctx.student_dtype = kind, temperature, chunk_size, student.dtype
+        ctx.one_chunk = chunk_size >= student.shape[0]
+        if needs_grad and ctx.one_chunk:
+            ctx.save_for_backward(_grad(kind, s, t, *probs, sums, saved))
+        elif needs_grad:
+            ctx.save_for_backward(student, teacher, sums, *saved)
+        return sums[:, 0]
 
     @staticmethod
     def backward(ctx, grad_loss):
-        student, teacher = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(-1) / ctx.temperature  # d s / d z_S = 1 / T
+        if ctx.one_chunk:
+            (grad,) = ctx.saved_tensors
+            return grad.mul_(scale).to(ctx.student_dtype), None, None, None, None, None, None, None
+        student, teacher, sums, *saved = ctx.saved_tensors
         grad = torch.empty_like(student)
         for start in range(0, student.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            with torch.enable_grad():
-                s = student[rows].detach().requires_grad_()
-                loss = ctx.loss_fn(s, teacher[rows])
-            (grad[rows],) = torch.autograd.grad(loss, s, grad_loss[rows])
-        return None, None, grad, None
+            s, t = _scaled(student[rows], ctx.temperature), _scaled(teacher[rows], ctx.temperature)
+            chunk_saved = [x[rows] for x in saved]
+            p_s = torch.sub(s, chunk_saved[0]).exp_()
+            p_t = torch.sub(t, chunk_saved[1]).exp_() if ctx.kind == "forward_kl" else None
+            grad[rows] = _grad(ctx.kind, s, t, p_s, p_t, sums[rows], chunk_saved).mul_(scale[rows])
+        return grad, None, None, None, None, None, None, None
 
 
 class VocabParallelKDLoss(torch.nn.Module):
@@ -135,8 +233,10 @@ class VocabParallelKDLoss(torch.nn.Module):
         kind: one of KINDS.
         temperature: T > 0.
         top_k: size of K, required by (and only used by) "topk_forward_kl".
-        chunk_size: if set, tokens are processed this many at a time, in the backward too (recomputed), so the
-            float32 probabilities of only one chunk exist at once; loss and gradients equal the unchunked ones.
+        chunk_size: if set, tokens are processed this many at a time, in the backward too (recomputed from the
+            logits and per-token log-normalisers), so the float32 probabilities of only one chunk exist at once;
+            loss and gradients equal the unchunked ones. The logits must then stay unchanged until the backward
+            (autograd raises if they are changed in place); without chunking only the gradient is kept.
     """
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, scale_by_temperature_squared: bool = False,
@@ -182,33 +282,12 @@ class VocabParallelKDLoss(torch.nn.Module):
 
         student = student_logits.reshape(-1, student_logits.shape[-1])
         teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-        loss_fn = functools.partial(self._token_loss, group=group)
-        if self.chunk_size is not None and student.shape[0] > self.chunk_size:
-            loss = _ChunkedLoss.apply(loss_fn, self.chunk_size, student, teacher)
-        else:
-            loss = loss_fn(student, teacher)
-        loss = loss.view(tokens_shape)
+        needs_grad = torch.is_grad_enabled() and student.requires_grad
+        loss = _TokenLoss.apply(student, teacher, self.kind, self.temperature, self.top_k,
+                                self.chunk_size or max(student.shape[0], 1), group, needs_grad).view(tokens_shape)
+        if self.scale_by_temperature_squared:
+            loss = loss * self.temperature**2
         return loss if loss_mask is None else torch.where(loss_mask.bool(), loss, 0.0)
-
-    def _token_loss(self, student: torch.Tensor, teacher: torch.Tensor, group) -> torch.Tensor:
-        """Loss [n] of the logit shards [n, V/TP]."""
-        dtype = torch.promote_types(student.dtype, torch.float32)
-        s = student.to(dtype) / self.temperature
-        t = teacher.to(dtype) / self.temperature
-        logp_s = _log_softmax(s, group, "student_logits")
-        if self.kind == "topk_forward_kl":
-            partial = _topk_partial_kl(t, logp_s, self.top_k, group)
-        else:
-            logp_t = _log_softmax(t, group, "teacher_logits")
-            if self.kind == "forward_kl":
-                partial = (logp_t.exp() * (logp_t - logp_s)).sum(dim=-1)
-            elif self.kind == "reverse_kl":
-                partial = (logp_s.exp() * (logp_s - logp_t)).sum(dim=-1)
-            else:
-                logp_m = torch.logaddexp(logp_t, logp_s) - math.log(2.0)
-                partial = 0.5 * (logp_t.exp() * (logp_t - logp_m) + logp_s.exp() * (logp_s - logp_m)).sum(dim=-1)
-        loss = partial if group is None else _AllReduceSum.apply(partial, group, False)
-        return loss * self.temperature**2 if self.scale_by_temperature_squared else loss
 
 
 def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor | None = None,
