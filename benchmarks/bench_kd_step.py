@@ -65,7 +65,7 @@ def main() -> None:
     kd_step, parts = statistics.median(kd_steps), statistics.median(baselines)
     record("kd_step_overhead_ratio", kd_step / parts, kd_step_s=round(kd_step, 4),
            teacher_forward_plus_student_fwd_bwd_s=round(parts, 4), ratio_of_minimums=round(min(kd_steps) /
-           min(baselines), 4), repeats=REPEATS, arch="4 layers, hidden 256, ffn 768, vocab 8192",
+           min(baselines), 4), repeats=REPEATS, arch=ARCH.to_dict(),
            batch=f"{BATCH}x{SEQ}", device=str(device()), threads=torch.get_num_threads())
     destroy_distributed()
 

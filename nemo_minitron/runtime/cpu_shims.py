@@ -145,6 +145,11 @@ def apply_cpu_shims() -> bool:
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = (
         _clip_grad_by_total_norm_cpu)
 
+    # Without TE / apex, Megatron falls back to torch's AdamW, whose default on CPU is the per-tensor loop.
+    megatron_optimizer = importlib.import_module("megatron.core.optimizer")
+    if megatron_optimizer.USING_PYTORCH_OPTIMIZER:
+        megatron_optimizer.Adam = functools.partial(torch.optim.AdamW, foreach=True)
+
     # Tied embeddings under PP > 1: the last stage's copy is moved with .cuda() before its first all-reduce.
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
     language_module.LanguageModule.setup_embeddings_and_output_layer = _keep_on_cpu(
