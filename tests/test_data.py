@@ -132,3 +132,20 @@ def test_packed_corpus_cache(tmp_path, word_tokenizer, monkeypatch):
     source.write_text("i h g f e d c b a b")  # a changed file (size, mtime) is a new key
     assert packed_corpus(source, word_tokenizer, seq_length=3, cache_dir=cache)[0].tolist() == [10, 9, 8, 7]
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_megatron_indexed_dataset_packs_its_stored_tokens(tmp_path, word_tokenizer):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    docs = [[2, 3, 4, 1], [5, 6, 1], [7, 8, 9, 10, 1]]  # already tokenised, end-of-document tokens included
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for doc in docs:
+        builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    expected = torch.tensor([[2, 3, 4, 1, 5], [6, 1, 7, 8, 9]])
+    for source in (prefix, prefix + ".bin", prefix + ".idx"):
+        assert torch.equal(packed_corpus(source, word_tokenizer, seq_length=4, cache_dir=tmp_path), expected)
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary of 5"):
+        packing.pack_indexed_dataset(prefix, 4, vocab_size=5)

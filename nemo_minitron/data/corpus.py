@@ -27,6 +27,7 @@ def source_files(source: str | os.PathLike) -> list[Path]:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"data source {str(source)!r} does not exist (a file, a directory of .txt files, "
+                                f"a Megatron indexed dataset PREFIX with PREFIX.bin and PREFIX.idx, "
                                 f"or {SHAKESPEARE!r} for the embedded corpus)")
     if path.is_dir():
         files = sorted(path.glob("*.txt"))

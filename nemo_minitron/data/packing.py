@@ -33,9 +33,37 @@ def pack_tokens(texts: list[str], tokenizer, seq_length: int) -> torch.Tensor:
             ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
             chunks.append(torch.tensor(list(chain.from_iterable(doc + eos for doc in ids)), dtype=torch.long))
             bar.update(sum(map(len, batch)))
-    stream = torch.cat(chunks)
+    return _windows(torch.cat(chunks), seq_length)
+
+
+def _windows(stream: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Non-overlapping windows [n, seq_length + 1] of a token stream; the tail is dropped."""
     n = len(stream) // (seq_length + 1)
     return stream[: n * (seq_length + 1)].view(n, seq_length + 1)
+
+
+def indexed_dataset_prefix(source: str | os.PathLike) -> str | None:
+    """The path prefix of the Megatron-Core indexed dataset (PREFIX.bin + PREFIX.idx) that ``source`` names
+    (the prefix itself, or either file), or None if it names none."""
+    text = str(source)
+    prefix = text[:-4] if text.endswith((".bin", ".idx")) else text
+    return prefix if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file() else None
+
+
+def pack_indexed_dataset(prefix: str, seq_length: int, vocab_size: int) -> torch.Tensor:
+    """Token windows [n, seq_length + 1] of a pre-tokenised Megatron-Core indexed dataset, its documents packed end
+    to end as stored (Megatron's preprocessing already appends the end-of-document token when asked to)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    dataset = IndexedDataset(prefix)
+    stream = torch.from_numpy(np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64))
+    if len(stream) and int(stream.max()) >= vocab_size:
+        raise ValueError(f"data.source {prefix}: token id {int(stream.max())} is outside the tokenizer's vocabulary "
+                         f"of {vocab_size}; was it tokenised with another tokenizer?")
+    return _windows(stream, seq_length)
 
 
 def _batches(texts: list[str], max_chars: int):
@@ -86,11 +114,15 @@ def split_sequences(sequences: torch.Tensor, num_calibration: int, num_train: in
 
 def packed_corpus(source: str | os.PathLike, tokenizer, seq_length: int, cache_dir: str | os.PathLike = ".cache/data",
                   text_field: str = "text") -> torch.Tensor:
-    """pack_tokens(load_texts(source, text_field), tokenizer, seq_length), cached in cache_dir/<key>.pt.
+    """pack_tokens(load_texts(source, text_field), tokenizer, seq_length), cached in cache_dir/<key>.pt; a Megatron
+    indexed dataset (already tokenised) is packed directly with pack_indexed_dataset.
 
     The key hashes the source (name, or path with each file's size and mtime), text_field, the tokenizer's
     name_or_path, vocab size and EOS id, and seq_length.
     """
+    prefix = indexed_dataset_prefix(source)
+    if prefix is not None:
+        return pack_indexed_dataset(prefix, seq_length, len(tokenizer))
     files = [] if str(source) == SHAKESPEARE else source_files(source)
     key = json.dumps({
         "source": str(source) if str(source) == SHAKESPEARE else str(Path(source).resolve()),
