@@ -116,3 +116,12 @@ def test_smollm2_demo_few_steps(tmp_path):
     assert results["pruned/depth"]["arch"]["num_layers"] == 15
     assert results["distilled/width"]["val_loss"] < results["pruned/width"]["val_loss"]
     assert "| teacher |" in out
+
+
+def test_api_example_runs_and_distillation_lowers_kd_loss():
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "minitron_api.py")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = (float(x) for x in proc.stdout.split("KD loss ")[1].split(";")[0].split(" -> "))
+    assert last < first
