@@ -13,6 +13,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_minitron.distillation.intermediate import KINDS as INTERMEDIATE_LOSSES
 from nemo_minitron.distillation.losses import KINDS as KD_LOSSES
 from nemo_minitron.models.arch import check_transformer_impl
 from nemo_minitron.pruning.plan import PruneTarget
@@ -90,6 +91,12 @@ class DistillConfig(TrainStageConfig):
     top_k: Optional[int] = None  # for loss=topk_forward_kl
     chunk_size: Optional[int] = None  # tokens per chunk of the KD loss (bounds float32 probability memory)
     lm_loss_weight: float = 0.0
+    # Intermediate hidden-state losses (off by default; the papers use them when many layers are removed):
+    # [student_layer, teacher_layer] pairs of 0-based layer indices whose outputs are compared.
+    intermediate_pairs: list[list[int]] = field(default_factory=list)
+    intermediate_loss: str = "cosine"  # cosine | mse
+    intermediate_weight: float = 1.0  # fixed weight of each pair's loss (unless balance_losses)
+    balance_losses: bool = False  # rescale the intermediate losses to the logit loss per micro-batch
 
 
 @dataclass
@@ -152,6 +159,15 @@ class RecipeConfig:
             _positive("distill.chunk_size", dist.chunk_size)
         if dist.temperature <= 0:
             raise ValueError(f"distill.temperature must be > 0, got {dist.temperature}")
+        _choice("distill.intermediate_loss", dist.intermediate_loss, INTERMEDIATE_LOSSES)
+        if any(len(pair) != 2 or min(pair) < 0 for pair in dist.intermediate_pairs):
+            raise ValueError(f"distill.intermediate_pairs must be [student_layer, teacher_layer] pairs of layer "
+                             f"indices >= 0, got {dist.intermediate_pairs}")
+        if not 0 <= dist.intermediate_weight < float("inf"):
+            raise ValueError(f"distill.intermediate_weight must be a finite number >= 0, got "
+                             f"{dist.intermediate_weight}")
+        if dist.balance_losses and not dist.intermediate_pairs:
+            raise ValueError("distill.balance_losses balances intermediate losses: it needs distill.intermediate_pairs")
         return self
 
 

@@ -239,6 +239,7 @@ def prune(recipe: RecipeConfig) -> None:
 
 def distill(recipe: RecipeConfig) -> None:
     """Logit distillation of the chosen pruned student from the teacher; exports the result to Hugging Face."""
+    from nemo_minitron.distillation.intermediate import IntermediateLoss
     from nemo_minitron.distillation.losses import VocabParallelKDLoss
     from nemo_minitron.distillation.teacher import Teacher
     from nemo_minitron.models.checkpoint import save_checkpoint
@@ -250,9 +251,13 @@ def distill(recipe: RecipeConfig) -> None:
         teacher_model, _ = _load(run.active_teacher(), recipe)
         student, arch = _load(run.require(run.pruned(d.student), "prune"), recipe)
         loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k, chunk_size=d.chunk_size)
+        intermediate = None
+        if d.intermediate_pairs:  # pair indices are checked against both models when training starts
+            intermediate = IntermediateLoss(d.intermediate_pairs, kind=d.intermediate_loss,
+                                            weight=d.intermediate_weight, balance=d.balance_losses)
         out = run.distilled(d.student)
         history = _train(recipe, d, student, arch, run, out, teacher=Teacher(teacher_model), kd_loss=loss,
-                         lm_loss_weight=d.lm_loss_weight)
+                         lm_loss_weight=d.lm_loss_weight, intermediate=intermediate)
         save_checkpoint(student, arch, out)
         _write_json(out / "history.json", history)
         from transformers import AutoTokenizer

@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.distillation.intermediate import IntermediateLoss
 from nemo_minitron.distillation.losses import VocabParallelKDLoss
-from nemo_minitron.distillation.teacher import CachedTeacher, CachedTopKKLLoss
+from nemo_minitron.distillation.teacher import CachedTeacher, CachedTopKKLLoss, Teacher
 from nemo_minitron.evaluation.loss import lm_forward_step, micro_batches, validation_loss
 from nemo_minitron.models.build import causal_inputs
 from nemo_minitron.runtime.distributed import device
@@ -96,17 +98,19 @@ def global_batch(sequences: torch.Tensor, step: int, global_batch_size: int, see
     return sequences[rows]
 
 
-def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float):
-    """Megatron forward_step_func for distillation: per-token kd_loss(student, teacher) (+ lm_loss_weight * LM
-    cross-entropy), summed with its token count."""
+def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float, intermediate: IntermediateLoss | None = None):
+    """Megatron forward_step_func for distillation: per-token kd_loss(student, teacher) (+ the weighted
+    intermediate hidden-state losses) (+ lm_loss_weight * LM cross-entropy), summed with its token count."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens, labels = batch["tokens"], batch["labels"]
-        targets = teacher.targets(tokens)
+        with intermediate.capture(teacher.model, "teacher") if intermediate else nullcontext() as teacher_states:
+            targets = teacher.targets(tokens)
         position_ids, mask = causal_inputs(tokens)
-        logits = model(tokens, position_ids, mask)
+        with intermediate.capture(model, "student") if intermediate else nullcontext() as student_states:
+            logits = model(tokens, position_ids, mask)
 
         def loss_func(logits: torch.Tensor):
             loss_mask = torch.ones_like(labels, dtype=torch.bool)
@@ -114,10 +118,15 @@ def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float):
             count = torch.tensor(labels.numel(), device=logits.device, dtype=torch.int)
             report = {"kd loss": torch.stack([kd.sum().detach(), count.float()])}
             per_token = kd
+            if intermediate is not None:
+                inter = intermediate.per_token(model, student_states, teacher_states, loss_mask)
+                report["inter loss"] = torch.stack([inter.sum().detach() / inter.shape[0], count.float()])
+                per_token = per_token + (intermediate.weights(kd, inter)[:, None, None] * inter).sum(dim=0)
             if lm_loss_weight > 0:
                 lm = vocab_parallel_cross_entropy(logits.float(), labels)
                 report["lm loss"] = torch.stack([lm.sum().detach(), count.float()])
-                per_token = kd + lm_loss_weight * lm
+                per_token = per_token + lm_loss_weight * lm
+            report["objective"] = torch.stack([per_token.sum().detach(), count.float()])
             return per_token.sum(), count, report
 
         return logits, loss_func
@@ -129,7 +138,7 @@ def _reduce_reports(outputs: list[dict]) -> dict[str, float]:
     """Token-weighted means of the reported losses over micro-batches and data-parallel ranks (every rank)."""
     from megatron.core import parallel_state
 
-    names = ["kd loss", "lm loss"]
+    names = ["kd loss", "lm loss", "inter loss", "objective"]
     sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
     if parallel_state.is_pipeline_last_stage():
         for out in outputs:
@@ -185,7 +194,8 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
 
 
 def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=None, kd_loss=None,
-          lm_loss_weight: float = 0.0, validation: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
+          lm_loss_weight: float = 0.0, intermediate: IntermediateLoss | None = None,
+          validation: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
           arch=None, resume: bool = True, progress: bool = True) -> list[dict]:
     """Train ``model`` (this rank's Megatron-Core GPTModel) in place for cfg.steps steps; returns the history.
 
@@ -193,13 +203,17 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
     teacher (Teacher or CachedTeacher): loss = mean kd_loss(student_logits, teacher.targets(tokens)) per token
         (+ lm_loss_weight * cross-entropy); kd_loss defaults to VocabParallelKDLoss() (forward KL) for a Teacher
         and CachedTopKKLLoss() for a CachedTeacher. Tensor and data parallelism; no pipeline parallelism yet.
+    intermediate: hidden-state losses added per token (needs a live Teacher); their projections (when the hidden
+        sizes differ) are attached to ``model`` while it trains, saved in its resume checkpoints, and removed at
+        the end, so the caller saves a plain student.
     train_sequences: packed token sequences [n, s + 1], the same on every rank; step k takes sequences
         [k * G, (k + 1) * G) of seeded epoch shuffles (``global_batch``), data-parallel rank r its r-th slice.
     validation: sequences [m, s + 1] (the same on every rank): validation loss every cfg.eval_interval steps and
         at the end.
     checkpoint_dir: save every cfg.save_interval steps and at the end (needs ``arch``, the student's ModelArch);
         with resume, continue from checkpoint_dir/latest when it exists.
-    History: one dict per logged step: step, lr, loss (the minimised objective), kd_loss / lm_loss (components),
+    History: one dict per logged step: step, lr, loss (the minimised objective), kd_loss / lm_loss / inter_loss
+    (unweighted components; inter_loss is the mean over the pairs),
     grad_norm, seconds, and val_loss at evaluation steps.
     """
     from megatron.core import parallel_state
@@ -222,52 +236,56 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
     if lm_loss_weight < 0:
         raise ValueError(f"train.lm_loss_weight must be >= 0, got {lm_loss_weight}")
     if teacher is None:
-        if kd_loss is not None:
-            raise ValueError("train: kd_loss needs a teacher")
+        if kd_loss is not None or intermediate is not None:
+            raise ValueError("train: kd_loss and intermediate need a teacher")
         forward_step = lm_forward_step
     else:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise NotImplementedError("distillation with pipeline parallelism")
         if kd_loss is None:
             kd_loss = CachedTopKKLLoss() if isinstance(teacher, CachedTeacher) else VocabParallelKDLoss()
-        forward_step = _kd_forward_step(teacher, kd_loss, lm_loss_weight)
+        if intermediate is not None and not isinstance(teacher, Teacher):
+            raise ValueError("train: intermediate losses need a live Teacher (a CachedTeacher has no hidden states)")
+        forward_step = _kd_forward_step(teacher, kd_loss, lm_loss_weight, intermediate)
     seq_length = train_sequences.shape[1] - 1
 
     config = model.config
     saved_config = {name: getattr(config, name) for name in
                     ("calculate_per_token_loss", "finalize_model_grads_func", "grad_scale_func", "no_sync_func")}
-    config.calculate_per_token_loss = True  # loss_func returns (sum, tokens); finalize_model_grads divides
-    ddp_model = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                              use_distributed_optimizer=False), model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, bf16=config.bf16,
-        fp16=config.fp16, params_dtype=config.params_dtype), [ddp_model])
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
-        lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
-        wd_incr_steps=cfg.steps, wd_incr_style="constant")
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = ddp_model.no_sync
-
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    step, history = 0, []
-    if checkpoint_dir is not None and resume and (checkpoint_dir / LATEST).is_file():
-        step, history = _load(checkpoint_dir, model, optimizer, scheduler)
-    local_validation = None
-    if validation is not None:
-        per_rank = validation.shape[0] // dp_size
-        local_validation = validation[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-
     bar = None
-    if progress and dist.get_rank() == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="distill" if teacher is not None else "train", unit="step")
-    per_rank = cfg.global_batch_size // dp_size
     try:
+        config.calculate_per_token_loss = True  # loss_func returns (sum, tokens); finalize_model_grads divides
+        if intermediate is not None:  # before DDP, so DDP and the optimizer include the projections
+            intermediate.attach(model, teacher.model, seed=cfg.seed)
+        ddp_model = DistributedDataParallel(
+            config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                  use_distributed_optimizer=False), model)
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, bf16=config.bf16,
+            fp16=config.fp16, params_dtype=config.params_dtype), [ddp_model])
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
+            lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+            wd_incr_steps=cfg.steps, wd_incr_style="constant")
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        config.no_sync_func = ddp_model.no_sync
+
+        checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        step, history = 0, []
+        if checkpoint_dir is not None and resume and (checkpoint_dir / LATEST).is_file():
+            step, history = _load(checkpoint_dir, model, optimizer, scheduler)
+        local_validation = None
+        if validation is not None:
+            per_rank = validation.shape[0] // dp_size
+            local_validation = validation[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+        if progress and dist.get_rank() == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=step, desc="distill" if teacher is not None else "train", unit="step")
+        per_rank = cfg.global_batch_size // dp_size
         model.train()
         while step < cfg.steps:
             start = time.perf_counter()
@@ -285,8 +303,7 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
                 scheduler.step(increment=1)
             step += 1
             losses = _reduce_reports(outputs)
-            loss = (losses["lm_loss"] if teacher is None
-                    else losses["kd_loss"] + lm_loss_weight * losses.get("lm_loss", 0.0))
+            loss = losses["lm_loss"] if teacher is None else losses.pop("objective")
             entry = {"step": step, "lr": lr, "loss": loss, **losses, "grad_norm": grad_norm,
                      "seconds": time.perf_counter() - start}
             last = step == cfg.steps
@@ -305,5 +322,7 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
             bar.close()
         for name, value in saved_config.items():
             setattr(config, name, value)
+        if intermediate is not None:
+            intermediate.detach(model)
     return history
 
