@@ -35,7 +35,7 @@ class ModelConfig:
 class DataConfig:
     """Text -> packed token sequences [n, seq_length + 1], split deterministically."""
 
-    source: str = "shakespeare"  # "shakespeare" | a .txt file or folder | .jsonl / .json / .parquet / .csv file
+    source: str = "shakespeare"  # "shakespeare" | .txt file or folder | .jsonl/.json/.parquet/.csv | indexed PREFIX
     text_field: str = "text"
     seq_length: int = 256
     num_calibration: int = 1024
