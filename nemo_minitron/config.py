@@ -71,6 +71,15 @@ class TrainStageConfig:
     eval_interval: int = 0  # 0: evaluate only at the end
     save_interval: int = 0  # 0: checkpoint only at the end
 
+    def train_config(self, seed: int):
+        """The trainer's TrainConfig for these settings (it validates them)."""
+        from nemo_minitron.distillation.trainer import TrainConfig
+
+        return TrainConfig(steps=self.steps, micro_batch_size=self.micro_batch_size,
+                           global_batch_size=self.global_batch_size, lr=self.lr, min_lr=self.min_lr,
+                           warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
+                           eval_interval=self.eval_interval, save_interval=self.save_interval, seed=seed)
+
 
 @dataclass
 class CorrectConfig(TrainStageConfig):
@@ -138,14 +147,10 @@ class RecipeConfig:
             if not name.isidentifier():
                 raise ValueError(f"prune: target name {name!r} must be a plain identifier (it names a folder)")
         for stage in ("correct", "distill"):
-            cfg = getattr(self, stage)
-            for key in ("steps", "micro_batch_size", "global_batch_size"):
-                _positive(f"{stage}.{key}", getattr(cfg, key))
-            if cfg.global_batch_size % cfg.micro_batch_size:
-                raise ValueError(f"{stage}.global_batch_size ({cfg.global_batch_size}) must be a multiple of "
-                                 f"{stage}.micro_batch_size ({cfg.micro_batch_size})")
-            if not 0 < cfg.min_lr <= cfg.lr:
-                raise ValueError(f"{stage}: need 0 < min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+            try:
+                getattr(self, stage).train_config(seed=d.seed)
+            except ValueError as err:  # TrainConfig names its own fields: say which section they came from
+                raise ValueError(f"{stage}: {err}".replace("train.", f"{stage}.")) from None
         dist = self.distill
         if self.prune and dist.student not in self.prune:
             raise ValueError(f"distill.student: {dist.student!r} is not a prune target; allowed: {sorted(self.prune)}")

@@ -165,14 +165,9 @@ def prepare(recipe: RecipeConfig) -> None:
 
 def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: Path, **kwargs):
     """Megatron-Core training of ``model`` on the run's train split; state (for resume) in out_dir/train_state."""
-    from nemo_minitron.distillation.trainer import TrainConfig, train
+    from nemo_minitron.distillation.trainer import train
 
-    cfg = TrainConfig(
-        steps=stage_cfg.steps, micro_batch_size=stage_cfg.micro_batch_size,
-        global_batch_size=stage_cfg.global_batch_size, lr=stage_cfg.lr, min_lr=stage_cfg.min_lr,
-        warmup_steps=stage_cfg.warmup_steps, weight_decay=stage_cfg.weight_decay, clip_grad=stage_cfg.clip_grad,
-        eval_interval=stage_cfg.eval_interval, save_interval=stage_cfg.save_interval, seed=recipe.data.seed,
-    )
+    cfg = stage_cfg.train_config(seed=recipe.data.seed)
     return train(model, run.split("train"), cfg, validation=run.split("validation"), arch=arch,
                  checkpoint_dir=out_dir / "train_state", **kwargs)
 

@@ -14,19 +14,21 @@ def test_demo_recipe_loads_typed():
 
 
 def test_overrides_win_over_file():
-    recipe = load_recipe(DEMO_RECIPE, ["distill.steps=3", "prune.width.hidden_size=192", "data.seq_length=64"])
-    assert (recipe.distill.steps, recipe.prune["width"].hidden_size, recipe.data.seq_length) == (3, 192, 64)
+    recipe = load_recipe(DEMO_RECIPE, ["distill.steps=5", "prune.width.hidden_size=192", "data.seq_length=64"])
+    assert (recipe.distill.steps, recipe.prune["width"].hidden_size, recipe.data.seq_length) == (5, 192, 64)
 
 
 @pytest.mark.parametrize("override, words", [
     (["distill.loss=kl"], ["distill.loss", "forward_kl", "reverse_kl"]),
     (["distill.student=nope"], ["distill.student", "width", "depth"]),
     (["distill.global_batch_size=6"], ["distill.global_batch_size", "micro_batch_size"]),
+    (["correct.min_lr=1.0"], ["correct.min_lr"]),
     (["data.seq_length=0"], ["data.seq_length"]),
     (["model.fp8=delayed"], ["model.fp8", "transformer_engine"]),
     (["model.source=/no/such/dir"], ["model.source", "smollm2-135m"]),
     (["distill.loss=topk_forward_kl"], ["distill.top_k"]),
     (["distill.stepz=3"], ["stepz"]),
+    (["distill.steps=3"], ["distill.warmup_steps", "distill.steps"]),
     (["data.seq_length=abc"], ["seq_length"]),
 ])
 def test_bad_settings_name_the_field(override, words):

@@ -108,7 +108,8 @@ def test_smollm2_demo_few_steps(tmp_path):
     """The real demo recipe on SmolLM2-135M, shortened: every stage runs and distillation lowers the KD loss."""
     run_dir = tmp_path / "demo"
     out = minitron("demo", f"run_dir={run_dir}", "data.num_calibration=8", "data.num_validation=8",
-                   "score.num_validation=4", "distill.steps=3", "distill.global_batch_size=4", "distill.eval_interval=0",
+                   "score.num_validation=4", "distill.steps=3", "distill.warmup_steps=1", "distill.global_batch_size=4",
+                   "distill.eval_interval=0",
                    timeout=1500)
     results = json.loads((run_dir / "eval.json").read_text())
     assert results["teacher"]["arch"]["num_layers"] == 30

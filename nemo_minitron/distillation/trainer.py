@@ -58,6 +58,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_interval", "save_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
         if not self.lr > 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

@@ -40,10 +40,12 @@ class ModelArch:
             )
 
     def check_tensor_parallel(self, tp_size: int) -> None:
-        """Raise ValueError unless every tensor-parallel-sharded size divides by ``tp_size``."""
+        """Raise ValueError unless every tensor-parallel-sharded size divides by ``tp_size``; KV groups may also be
+        fewer than ``tp_size`` if they divide it (Megatron-Core then replicates each group's K/V)."""
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
-            if getattr(self, name) % tp_size:
-                raise ValueError(f"arch.{name}={getattr(self, name)} is not divisible by "
+            value = getattr(self, name)
+            if value % tp_size and not (name == "num_query_groups" and tp_size % value == 0):
+                raise ValueError(f"arch.{name}={value} is not divisible by "
                                  f"parallel.tensor_model_parallel_size={tp_size}; choose a size that divides it")
 
     def replace(self, **changes) -> "ModelArch":
