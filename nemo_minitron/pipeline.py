@@ -24,10 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.config import EMBEDDED_MODEL, RecipeConfig, save_recipe
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+from nemo_minitron.runtime.distributed import is_rank0
 
 
 def log(message: str) -> None:
@@ -74,9 +71,12 @@ class RunDir:
 
 @contextmanager
 def timed(run: RunDir, stage: str):
-    """Record a stage's wall time in timings.json."""
+    """Record a stage's wall time in timings.json. Ends with a barrier: files that rank 0 alone writes (scores,
+    plots, json) exist before any rank starts the next stage."""
     start = time.perf_counter()
     yield
+    if dist.is_initialized():
+        dist.barrier()
     seconds = time.perf_counter() - start
     if is_rank0():
         timings = json.loads(run.timings.read_text()) if run.timings.exists() else {}

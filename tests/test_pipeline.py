@@ -18,7 +18,9 @@ def minitron(*args, timeout=900, nproc=1):
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     proc = subprocess.run([sys.executable, *launcher, "-m", "nemo_minitron.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"minitron {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank1]"))[-4000:]
+    assert proc.returncode == 0, (f"minitron {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+                                  f"\nrank 1:\n{ranks}")
     return proc.stdout
 
 

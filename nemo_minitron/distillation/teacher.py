@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from nemo_minitron.distillation.losses import _AllReduceSum, _all_gather_last_dim, _log_softmax, _tp_group
 from nemo_minitron.models.build import forward_logits
-from nemo_minitron.runtime.distributed import device
+from nemo_minitron.runtime.distributed import device, is_rank0
 
 
 class Teacher:
@@ -85,7 +85,7 @@ def write_teacher_cache(teacher: Teacher, sequences: torch.Tensor, path: str | P
         log_probs.append(values.cpu())
         indices.append(index.cpu())
     path = Path(path)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"keys": torch.tensor(keys, dtype=torch.int64), "log_probs": torch.cat(log_probs).contiguous(),
                    "indices": torch.cat(indices).contiguous()}, str(path))

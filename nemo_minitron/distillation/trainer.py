@@ -25,7 +25,7 @@ from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import CachedTeacher, CachedTopKKLLoss, Teacher
 from nemo_minitron.evaluation.loss import lm_forward_step, micro_batches, validation_loss
 from nemo_minitron.models.build import causal_inputs
-from nemo_minitron.runtime.distributed import device
+from nemo_minitron.runtime.distributed import device, is_rank0
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -153,10 +153,6 @@ def _reduce_reports(outputs: list[dict]) -> dict[str, float]:
             if sums[i, 1] > 0}
 
 
-def _is_rank0() -> bool:
-    return dist.get_rank() == 0
-
-
 def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict]) -> None:
     """checkpoint_dir/iter_{step:07d}/: model weights (save_checkpoint: dist_checkpointing + arch.json, loadable by
     load_checkpoint), optimizer/ (dist_checkpointing of optimizer.sharded_state_dict), trainer_state.json (step,
@@ -166,15 +162,15 @@ def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, hi
     from nemo_minitron.models.checkpoint import save_checkpoint
 
     iter_dir = checkpoint_dir / f"iter_{step:07d}"
-    if _is_rank0() and iter_dir.exists():
+    if is_rank0() and iter_dir.exists():
         shutil.rmtree(iter_dir)
     dist.barrier()
     save_checkpoint(model, arch, iter_dir)
-    if _is_rank0():
+    if is_rank0():
         (iter_dir / "optimizer").mkdir()
     dist.barrier()
     dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict()), str(iter_dir / "optimizer"))
-    if _is_rank0():
+    if is_rank0():
         state = {"step": step, "scheduler": scheduler.state_dict(), "history": history}
         (iter_dir / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         (checkpoint_dir / LATEST).write_text(iter_dir.name + "\n")
@@ -283,7 +279,7 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
             per_rank = validation.shape[0] // dp_size
             local_validation = validation[dp_rank * per_rank:(dp_rank + 1) * per_rank]
 
-        if progress and dist.get_rank() == 0:
+        if progress and is_rank0():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=step, desc="distill" if teacher is not None else "train", unit="step")

@@ -8,12 +8,9 @@ import torch.distributed as dist
 
 from nemo_minitron.models.arch import ModelArch
 from nemo_minitron.models.build import build_gpt_model
+from nemo_minitron.runtime.distributed import is_rank0
 
 ARCH_FILE = "arch.json"
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def save_checkpoint(model, arch: ModelArch, directory: str | Path) -> Path:
@@ -24,11 +21,11 @@ def save_checkpoint(model, arch: ModelArch, directory: str | Path) -> Path:
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    if _is_rank0():
+    if is_rank0():
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(directory))
-    if _is_rank0():
+    if is_rank0():
         arch.save(directory / ARCH_FILE)
     dist.barrier()
     return directory

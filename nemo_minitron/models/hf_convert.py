@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from nemo_minitron.models.arch import ModelArch
+from nemo_minitron.runtime.distributed import is_rank0
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -230,7 +231,7 @@ def save_hf_checkpoint(model, arch: ModelArch, out_dir: str | Path, tokenizer=No
     config = hf_config_from_arch(arch, model_type)  # validate before gathering
     state = gather_hf_state_dict(model, arch)
     out_dir = Path(out_dir)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
         if tokenizer is not None:
             config.bos_token_id = tokenizer.bos_token_id

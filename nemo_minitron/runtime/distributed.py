@@ -41,6 +41,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def is_rank0() -> bool:
+    """True on global rank 0, and in a process with no process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
