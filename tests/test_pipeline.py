@@ -107,13 +107,15 @@ def test_bad_target_fails_before_compute(tiny_hf_run_inputs, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_demo_few_steps(tmp_path):
-    """The real demo recipe on SmolLM2-135M, shortened: every stage runs and distillation lowers the KD loss."""
+    """The real demo recipe on SmolLM2-135M, shortened, with teacher correction on: every stage runs, and
+    distillation from the corrected teacher improves the width student."""
     run_dir = tmp_path / "demo"
     out = minitron("demo", f"run_dir={run_dir}", "data.num_calibration=8", "data.num_validation=8",
                    "score.num_validation=4", "distill.steps=3", "distill.warmup_steps=1", "distill.global_batch_size=4",
-                   "distill.eval_interval=0",
-                   timeout=1500)
+                   "distill.eval_interval=0", "correct.enabled=true", "correct.steps=2", "correct.warmup_steps=0",
+                   "correct.global_batch_size=4", timeout=1500)
     results = json.loads((run_dir / "eval.json").read_text())
+    assert abs(results["teacher (corrected)"]["val_loss"] - results["teacher"]["val_loss"]) < 0.5
     assert results["teacher"]["arch"]["num_layers"] == 30
     assert results["teacher"]["val_loss"] < 5.0  # SmolLM2 knows English: far below log(49152) = 10.8
     assert results["pruned/depth"]["arch"]["num_layers"] == 15
