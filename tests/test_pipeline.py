@@ -67,6 +67,17 @@ def test_tiny_recipe_end_to_end(tiny_run):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "scores").glob("*.png"))
 
+    # The pruned + distilled student's Hugging Face export scores the validation split like the Megatron model.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(run_dir / "distilled" / "width" / "hf").float().eval()
+    assert hf.config.hidden_size == 48 and hf.config.num_attention_heads == 2 and hf.config.hidden_act == "silu"
+    validation = torch.load(run_dir / "data" / "validation.pt")
+    with torch.no_grad():
+        logits = hf(validation[:, :-1]).logits
+    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), validation[:, 1:].reshape(-1)).item()
+    assert hf_loss == pytest.approx(results["distilled/width"]["val_loss"], abs=1e-4)
+
     # A stage re-runs alone on the run folder and reproduces its numbers.
     (run_dir / "eval.json").rename(run_dir / "eval_first.json")
     minitron("eval", "--run", str(run_dir))
