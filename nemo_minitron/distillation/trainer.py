@@ -23,12 +23,13 @@ import torch.distributed as dist
 from nemo_minitron.distillation.intermediate import IntermediateLoss
 from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import CachedTeacher, CachedTopKKLLoss, Teacher
-from nemo_minitron.evaluation.loss import lm_forward_step, micro_batches, validation_loss
+from nemo_minitron.evaluation.loss import lm_forward_step, micro_batches, token_weighted_means, validation_loss
 from nemo_minitron.models.build import causal_inputs
-from nemo_minitron.runtime.distributed import device, is_rank0
+from nemo_minitron.runtime.distributed import is_rank0
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+REPORTED_LOSSES = ["kd loss", "lm loss", "inter loss", "objective"]  # [sum, count] reports of the loss_funcs
 
 
 @dataclass
@@ -134,23 +135,6 @@ def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float, intermediate: Inte
         return logits, loss_func
 
     return forward_step
-
-
-def _reduce_reports(outputs: list[dict]) -> dict[str, float]:
-    """Token-weighted means of the reported losses over micro-batches and data-parallel ranks (every rank)."""
-    from megatron.core import parallel_state
-
-    names = ["kd loss", "lm loss", "inter loss", "objective"]
-    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
-    if parallel_state.is_pipeline_last_stage():
-        for out in outputs:
-            for i, name in enumerate(names):
-                if name in out:
-                    sums[i] += out[name].double()
-    dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
-    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    return {name.replace(" ", "_"): (sums[i, 0] / sums[i, 1]).item() for i, name in enumerate(names)
-            if sums[i, 1] > 0}
 
 
 def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict]) -> None:
@@ -300,7 +284,7 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
             if update_successful:  # fp16 loss scaling skips steps with inf / NaN gradients
                 scheduler.step(increment=1)
             step += 1
-            losses = _reduce_reports(outputs)
+            losses = token_weighted_means(outputs, REPORTED_LOSSES)
             loss = losses["lm_loss"] if teacher is None else losses.pop("objective")
             entry = {"step": step, "lr": lr, "loss": loss, **losses, "grad_norm": grad_norm,
                      "seconds": time.perf_counter() - start}

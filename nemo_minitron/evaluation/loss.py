@@ -39,7 +39,6 @@ def validation_loss(model, sequences: torch.Tensor, micro_batch_size: int = 4) -
     Works for any TP/PP layout; data-parallel ranks each pass their own ``sequences`` and the result is the
     token-weighted mean over all of them.
     """
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     was_training = model.training
@@ -58,11 +57,22 @@ def validation_loss(model, sequences: torch.Tensor, micro_batch_size: int = 4) -
         forward_only=True,
     )
     model.train(was_training)
-    sums = torch.zeros(2, dtype=torch.float64, device=device())
+    return token_weighted_means(outputs, ["lm loss"])["lm_loss"]
+
+
+def token_weighted_means(outputs: list[dict], names: list[str]) -> dict[str, float]:
+    """{name (spaces -> _): sum / count} of the [sum, count] reports ``names`` that forward_backward_func returned,
+    over micro-batches, pipeline stages (only the last holds them) and data-parallel ranks; equal on every rank.
+    Names with no tokens anywhere are left out."""
+    from megatron.core import parallel_state
+
+    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
     if parallel_state.is_pipeline_last_stage():
         for out in outputs:
-            sums += out["lm loss"].double()
-    # Last stage holds the sums: share them with the other stages, then add over data-parallel ranks.
+            for i, name in enumerate(names):
+                if name in out:
+                    sums[i] += out[name].double()
     dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    return (sums[0] / sums[1]).item()
+    return {name.replace(" ", "_"): (sums[i, 0] / sums[i, 1]).item() for i, name in enumerate(names)
+            if sums[i, 1] > 0}
