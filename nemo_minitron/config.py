@@ -136,6 +136,10 @@ class RecipeConfig:
         _positive("data.seq_length", d.seq_length)
         _positive("data.num_calibration", d.num_calibration)
         _positive("data.num_validation", d.num_validation)
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and (tp == 1 or d.seq_length % tp):
+            raise ValueError(f"parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 dividing "
+                             f"data.seq_length ({d.seq_length}), got tensor_model_parallel_size={tp}")
         if d.num_train != -1:
             _positive("data.num_train", d.num_train)
         _positive("score.micro_batch_size", self.score.micro_batch_size)

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from nemo_minitron.models.arch import ModelArch, transformer_config
+from nemo_minitron.models.norm import RMSNorm
 from nemo_minitron.runtime.distributed import device
 
 
-def layer_spec(transformer_impl: str = "local"):
-    """Layer spec: Megatron-Core's own modules ("local") or Transformer Engine's fused ones (GPU, FP8)."""
+def layer_spec(config):
+    """Block spec for config.transformer_impl: Transformer Engine's fused modules (GPU, FP8), or Megatron-Core's
+    own ("local") with nemo_minitron's RMSNorm, which also runs under sequence parallelism."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    if transformer_impl == "transformer_engine":
+    if config.transformer_impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm))
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
 
 
 def build_gpt_model(arch: ModelArch, *, transformer_impl: str = "local", fp8: str | None = None,
@@ -27,7 +35,7 @@ def build_gpt_model(arch: ModelArch, *, transformer_impl: str = "local", fp8: st
                                 sequence_parallel=sequence_parallel)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(transformer_impl),
+        transformer_layer_spec=layer_spec(config),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

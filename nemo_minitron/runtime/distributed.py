@@ -22,11 +22,14 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # shard norms, residuals and dropout over the TP group along the sequence
 
     def validate(self, world_size: int) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if tp < 1 or pp < 1:
             raise ValueError(f"parallel: tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1, got {tp}, {pp}")
+        if self.sequence_parallel and tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
         if world_size % (tp * pp):
             raise ValueError(
                 f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size * "
