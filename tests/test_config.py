@@ -30,6 +30,9 @@ def test_overrides_win_over_file():
     (["distill.stepz=3"], ["stepz"]),
     (["distill.steps=3"], ["distill.warmup_steps", "distill.steps"]),
     (["data.seq_length=abc"], ["seq_length"]),
+    (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel", "tensor_model_parallel_size"]),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=3"],
+     ["parallel.sequence_parallel", "data.seq_length (128)"]),
 ])
 def test_bad_settings_name_the_field(override, words):
     with pytest.raises(ValueError) as err:
