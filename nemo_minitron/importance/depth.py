@@ -2,6 +2,9 @@
 
 Layers are named by their 0-based global index l (Megatron's ``layer_number - 1``), the index of
 ImportanceScores.layers[metric][l].
+
+Sequence parallelism: Block Influence counts each TP rank's own sequence slice of the sequence-sharded layer
+inputs / outputs; the loss-based metrics go through validation_loss, whose logits are full-sequence under it.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ from nemo_minitron.importance.width import HookCollector, gather_layers, layer_i
 class BlockInfluence(HookCollector):
     """BI_l = 1 - mean over tokens of cos(h_in, h_out), h_in / h_out the hidden states entering / leaving layer l.
 
-    Collected (float32 cosines, float64 sums) during any forward passes run inside ``with``. The hidden states
-    are replicated over TP ranks, so TP rank r takes the r-th of TP slices of the sequence (each token once).
+    Collected (float32 cosines, float64 sums) during any forward passes run inside ``with``; the (token count,
+    cos sum) pairs are summed over TP ranks, so each token must be counted on one rank. Without sequence
+    parallelism the hidden states are replicated over TP ranks and TP rank r takes the r-th of TP slices of the
+    sequence; under sequence parallelism they are sequence-sharded [s / TP, b, h] and each rank takes all of them.
     """
 
     def __init__(self, model):
         super().__init__()
         layers = local_layers(model)
-        self.num_layers = unwrap(model).config.num_layers
+        config = unwrap(model).config
+        self.num_layers = config.num_layers
+        self.sequence_parallel = config.sequence_parallel
         self.indices = [layer_index(layer) for layer in layers]
         self.tokens = [0] * len(layers)  # python ints: no tensor op on the hot path
         self.cos_sum = torch.zeros(len(layers), dtype=torch.float64, device=next(model.parameters()).device)
@@ -37,7 +44,8 @@ class BlockInfluence(HookCollector):
     def _hook(self, site: int):
         def hook(module, args, kwargs, output):
             h_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            a, b = (h.detach()[tp_share(h.shape[0])].float() for h in (h_in, output[0]))
+            rows = slice(None) if self.sequence_parallel else tp_share(h_in.shape[0])
+            a, b = (h.detach()[rows].float() for h in (h_in, output[0]))
             # cos(a, b) per token; ~1.5x faster on CPU than F.cosine_similarity
             cos = vecdot(a, b) * vecdot(a, a).clamp_min(1e-16).rsqrt() * vecdot(b, b).clamp_min(1e-16).rsqrt()
             self.tokens[site] += cos.numel()

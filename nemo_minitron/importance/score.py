@@ -19,13 +19,16 @@ from nemo_minitron.runtime.distributed import device
 DEPTH_METRICS = ("block_influence", "lm_loss_drop")
 
 
-def _check_sequences(name: str, sequences, micro_batch_size: int) -> None:
+def _check_sequences(name: str, sequences, micro_batch_size: int, sequence_shards: int) -> None:
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype.is_floating_point:
         raise ValueError(f"importance.{name} must be an integer token tensor [n, seq_length + 1]")
     n, length = sequences.shape
     if n == 0 or n % micro_batch_size or length < 2:
         raise ValueError(f"importance.{name}: need a positive multiple of micro_batch_size={micro_batch_size} "
                          f"sequences of at least 2 tokens, got shape {tuple(sequences.shape)}")
+    if (length - 1) % sequence_shards:
+        raise ValueError(f"importance.{name}: seq_length={length - 1} must be a multiple of "
+                         f"tensor_model_parallel_size={sequence_shards} under sequence parallelism")
 
 
 def _validate(model, arch: ModelArch, calibration, validation, micro_batch_size, seq_agg, batch_agg,
@@ -48,12 +51,13 @@ def _validate(model, arch: ModelArch, calibration, validation, micro_batch_size,
         if getattr(config, field) != getattr(arch, field):
             raise ValueError(f"importance: arch.{field}={getattr(arch, field)} but the model has "
                              f"{getattr(config, field)}")
-    _check_sequences("calibration", calibration, micro_batch_size)
+    sequence_shards = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    _check_sequences("calibration", calibration, micro_batch_size, sequence_shards)
     if "lm_loss_drop" in depth_metrics or block_sizes:
         if validation is None:
             raise ValueError("importance.validation sequences are needed for depth_metrics 'lm_loss_drop' and "
                              "block_sizes")
-        _check_sequences("validation", validation, micro_batch_size)
+        _check_sequences("validation", validation, micro_batch_size, sequence_shards)
 
 
 @contextlib.contextmanager
@@ -82,7 +86,8 @@ def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, valida
     depth_metrics: "block_influence" (calibration pass) and/or "lm_loss_drop" (validation loss with layer l
     skipped minus the unpruned validation loss). block_sizes: for each k, blocks[k][start] is the validation loss
     with layers start..start+k-1 skipped. Aggregations: see nemo_minitron.importance.width. Collective: every
-    rank calls it; every rank returns the same full-size scores.
+    rank calls it; every rank returns the same full-size scores. Runs with or without sequence parallelism (then
+    seq_length must be a multiple of the TP size) and gives the same scores.
     """
     from megatron.core import parallel_state
 

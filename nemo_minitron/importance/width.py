@@ -22,9 +22,15 @@ Sites (Megatron-Core modules of every local TransformerLayer):
   score is the L2 norm of its kv_channels channel scores, a KV group's score the L2 norm of its heads' scores.
 - Hidden channels: output of input_layernorm and pre_mlp_layernorm of every layer (the norms that feed attention
   and MLP; final_layernorm feeds only the output layer and is not included). Each norm's scores are computed with
-  the aggregation above, then summed over all norms of all pipeline stages. The norm outputs are replicated over
-  TP ranks (no sequence parallelism), so each channel is counted once: TP rank r takes the r-th of TP contiguous
-  slices of the hidden channels (this also divides the hook cost by TP), and the slices are combined at the end.
+  the aggregation above, then summed over all norms of all pipeline stages. Each channel is counted once: TP rank
+  r keeps the r-th of TP contiguous slices of the hidden channels, and the slices are combined at the end.
+  Without sequence parallelism the norm outputs [s, b, h] are replicated over TP ranks, so rank r aggregates only
+  its slice (this also divides the hook cost by TP). Under sequence parallelism they are sequence-sharded
+  [s / TP, b, h]: every rank sums over its own positions (sum |X| for "mean", sum X^2 for "l2", sum X and sum X^2
+  in float64 for "var"), the sums are all-reduced over the TP group and divided by the full length s, which gives
+  the full-sequence v[b, c] of every channel before any nonlinear step; then rank r keeps its slice.
+  The fc2 and linear_proj inputs are full-sequence under sequence parallelism too (the column-parallel layers
+  all-gather the sequence), so those sites are the same with and without it.
 """
 
 from __future__ import annotations
@@ -97,6 +103,27 @@ def seq_aggregate(x: torch.Tensor, seq_agg: str) -> torch.Tensor:
     return (x - x.mean(0)).square_().mean(0)
 
 
+def sharded_seq_aggregate(x: torch.Tensor, seq_agg: str, group) -> torch.Tensor:
+    """seq_aggregate of the full sequence when ``x`` [s / P, b, c] is this rank's slice of it (sequence parallelism
+    over ``group`` of P ranks): the sums over local positions are all-reduced over ``group`` before the sqrt / the
+    variance, v = (sum_s |x|) / s, sqrt(sum_s x^2), or sum_s x^2 / s - (sum_s x / s)^2; equal on every rank."""
+    length = x.shape[0] * dist.get_world_size(group)
+    if seq_agg == "mean":
+        sums = x.abs().sum(0, dtype=torch.float32)
+    elif seq_agg == "l2":
+        sums = x.float().square().sum(0)
+    else:  # float64: the variance is a difference of the two sums
+        x = x.double()
+        sums = torch.stack([x.sum(0), x.square().sum(0)])
+    dist.all_reduce(sums, group=group)
+    if seq_agg == "mean":
+        return sums / length
+    if seq_agg == "l2":
+        return sums.sqrt()
+    mean = sums[0] / length
+    return (sums[1] / length - mean.square()).clamp_min(0).float()
+
+
 class ChannelStats:
     """Sufficient statistics of per-sample values v[n, c] for ``sites`` activation sites: N, sum v, sum v^2."""
 
@@ -148,19 +175,16 @@ class WidthCollector(HookCollector):
     """Collects width statistics of ``model``'s local layers during any forward passes run inside ``with``."""
 
     def __init__(self, model, seq_agg: str = "mean"):
-        from megatron.core.parallel_state import get_tensor_model_parallel_world_size
+        from megatron.core import parallel_state
         from megatron.core.transformer.identity_op import IdentityOp
 
         super().__init__()
         if seq_agg not in SEQ_AGGS:
             raise ValueError(f"importance.seq_agg must be one of {SEQ_AGGS}, got {seq_agg!r}")
         gpt = unwrap(model)
-        if gpt.config.sequence_parallel:
-            raise NotImplementedError(
-                "importance scoring with sequence_parallel=True: the norm outputs are sequence-sharded; "
-                "score with sequence_parallel=False (the weights are the same)"
-            )
         self.config = gpt.config
+        # the TP group the norm outputs are sequence-sharded over, None when they are replicated
+        self.sequence_group = parallel_state.get_tensor_model_parallel_group() if gpt.config.sequence_parallel else None
         self.seq_agg = seq_agg
         self.reduced = False  # statistics summed over data-parallel ranks (done once, by the first scores())
         layers = local_layers(model)
@@ -173,7 +197,7 @@ class WidthCollector(HookCollector):
                 f"{len(norms)} norm modules in {len(layers)} layers (a Transformer-Engine layer spec fuses them "
                 f"into linear_qkv / linear_fc1 and is not supported: score with the local spec)"
             )
-        config, tp = self.config, get_tensor_model_parallel_world_size()
+        config, tp = self.config, parallel_state.get_tensor_model_parallel_world_size()
         device = next(gpt.parameters()).device
         n = len(layers)
         self.ffn = ChannelStats(n, config.ffn_hidden_size // tp, device)
@@ -194,7 +218,12 @@ class WidthCollector(HookCollector):
 
     def _norm_hook(self, site: int):
         def hook(module, args, output):
-            self.hidden.update(site, seq_aggregate(output.detach()[..., self.hidden_share], self.seq_agg))
+            x = output.detach()
+            if self.sequence_group is None:
+                v = seq_aggregate(x[..., self.hidden_share], self.seq_agg)
+            else:
+                v = sharded_seq_aggregate(x, self.seq_agg, self.sequence_group)[..., self.hidden_share]
+            self.hidden.update(site, v)
         return hook
 
     def scores(self, batch_agg: str = "l2") -> dict[str, torch.Tensor]:
