@@ -11,6 +11,12 @@ trainer's resume checkpoints include them; ``detach`` removes them after trainin
 
 Without sequence parallelism the hidden states are replicated over the tensor-parallel group: every rank computes
 the same loss, and the projections are replicated (non-TP) parameters with the same gradient on every rank.
+With sequence parallelism (student and teacher alike) the layer outputs are this rank's contiguous sequence slice
+[s/TP, b, h]: each rank computes its tokens' losses and all-gathers them over the sequence, so ``per_token`` returns
+the same full-sequence [num_pairs, b, s] as without it. Every TP rank back-propagates the same replicated total
+loss, so the gather's backward keeps this rank's slice of the gradient (no sum over ranks). Each rank's projection
+gradient then covers only its tokens: the projection weights are marked ``sequence_parallel`` like the norm weights
+(models/norm.py), so Megatron's finalize_model_grads sums their gradients over the TP group.
 
 Combination, per token: total = kd + sum_i w_i inter_i (+ the LM term), with w_i = ``weight``, or with ``balance``
 w_i = detach(mean kd) / (n * detach(mean inter_i)) over the micro-batch's tokens (n = number of pairs), so each
@@ -87,10 +93,14 @@ class IntermediateLoss:
     def attach(self, student, teacher, seed: int = 1234) -> None:
         """Check the pairs against the student and teacher (single-stage GPTModels) and, when their hidden sizes
         differ, register one projection per pair as ``student.kd_projections``, initialised like nn.Linear
-        (uniform in +-1/sqrt(h_S)) from ``seed``, so every rank starts from the same weights."""
+        (uniform in +-1/sqrt(h_S)) from ``seed``, so every rank starts from the same weights; under sequence
+        parallelism their weights are marked ``sequence_parallel`` (gradients summed over TP)."""
+        sequence_parallel = student.config.sequence_parallel
+        if teacher.config.sequence_parallel != sequence_parallel:
+            raise ValueError(f"intermediate losses need the student and the teacher both with or both without "
+                             f"sequence_parallel, got student {sequence_parallel}, teacher "
+                             f"{teacher.config.sequence_parallel}")
         for name, model, side in (("student", student, 0), ("teacher", teacher, 1)):
-            if model.config.sequence_parallel:
-                raise NotImplementedError("intermediate losses with sequence parallelism")
             num_layers = len(model.decoder.layers)
             bad = [pair for pair in self.pairs if pair[side] >= num_layers]
             if bad:
@@ -107,6 +117,7 @@ class IntermediateLoss:
             linear = torch.nn.Linear(h_s, h_t, bias=False, device=param.device, dtype=param.dtype)
             with torch.no_grad():
                 linear.weight.copy_(weight)
+            setattr(linear.weight, "sequence_parallel", sequence_parallel)
             projections.append(linear)
         setattr(student, PROJECTIONS, projections)
 
@@ -123,8 +134,10 @@ class IntermediateLoss:
     def per_token(self, student, student_states: dict, teacher_states: dict,
                   loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token losses [num_pairs, b, s] (float32; 0 where loss_mask [b, s] is 0) of the captured states;
-        ``student`` (possibly DDP-wrapped) holds the projections."""
-        projections = getattr(_unwrap(student), PROJECTIONS, None)
+        ``student`` (possibly DDP-wrapped) holds the projections. Under sequence parallelism the states are this
+        rank's slice [s/TP, b, h]; the losses are all-gathered over the sequence (backward: this rank's slice)."""
+        model = _unwrap(student)
+        projections = getattr(model, PROJECTIONS, None)
         losses = []
         for k, (i, j) in enumerate(self.pairs):
             h_s, h_t = student_states[i], teacher_states[j]
@@ -133,8 +146,13 @@ class IntermediateLoss:
             if h_s.shape != h_t.shape:
                 raise ValueError(f"pair ({i}, {j}): student hidden states {tuple(h_s.shape)} != teacher hidden "
                                  f"states {tuple(h_t.shape)}")
-            losses.append(hidden_state_loss(h_s, h_t.detach(), self.kind).transpose(0, 1))
-        losses = torch.stack(losses)
+            losses.append(hidden_state_loss(h_s, h_t.detach(), self.kind))
+        losses = torch.stack(losses, dim=1)  # [s (/TP), num_pairs, b]
+        if model.config.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            losses = gather_from_sequence_parallel_region(losses, tensor_parallel_output_grad=False)
+        losses = losses.permute(1, 2, 0)
         return losses if loss_mask is None else torch.where(loss_mask.bool(), losses, 0.0)
 
     def weights(self, kd: torch.Tensor, inter: torch.Tensor) -> torch.Tensor:
