@@ -32,7 +32,8 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Vocab-sharded logits [b, s, V/TP] of tokens [b, s] (PP=1)."""
+        """Vocab-sharded logits [b, s, V/TP] of tokens [b, s] (PP=1, or the last pipeline stage once its input
+        hidden states are set with ``model.set_input_tensor``)."""
         return forward_logits(self.model, tokens)
 
     targets = logits

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,15 +103,27 @@ def global_batch(sequences: torch.Tensor, step: int, global_batch_size: int, see
 
 def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float, intermediate: IntermediateLoss | None = None):
     """Megatron forward_step_func for distillation: per-token kd_loss(student, teacher) (+ the weighted
-    intermediate hidden-state losses) (+ lm_loss_weight * LM cross-entropy), summed with its token count."""
+    intermediate hidden-state losses) (+ lm_loss_weight * LM cross-entropy), summed with its token count.
+
+    Under pipeline parallelism a non-last stage returns cat([student_hidden, teacher_hidden], -1) [s, b, h_S + h_T]
+    for a live Teacher (its stage input was split by ``_teacher_pipeline``) and the student's hidden states for a
+    CachedTeacher; only the last stage computes the loss."""
+    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens, labels = batch["tokens"], batch["labels"]
+        position_ids, mask = causal_inputs(tokens)
+        if not parallel_state.is_pipeline_last_stage():
+            hidden = model(tokens, position_ids, mask)
+            if isinstance(teacher, Teacher):
+                with torch.no_grad():
+                    teacher_hidden = teacher.model(tokens, position_ids, mask)
+                hidden = torch.cat([hidden, teacher_hidden], dim=-1)  # backward routes the student part only
+            return hidden, None  # the schedule calls loss_func on the last stage only
         with intermediate.capture(teacher.model, "teacher") if intermediate else nullcontext() as teacher_states:
             targets = teacher.targets(tokens)
-        position_ids, mask = causal_inputs(tokens)
         with intermediate.capture(model, "student") if intermediate else nullcontext() as student_states:
             logits = model(tokens, position_ids, mask)
 
@@ -135,6 +147,37 @@ def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float, intermediate: Inte
         return logits, loss_func
 
     return forward_step
+
+
+@contextmanager
+def _teacher_pipeline(model, teacher: Teacher):
+    """Run the teacher's pipeline stages alongside the student's: the stages exchange [s, b, h_S + h_T] tensors
+    (the student's hidden states, then the teacher's; the sequence dim is whatever Megatron computed, s / TP under
+    sequence parallelism). Inside, the schedule's ``set_input_tensor`` on ``model`` (the unwrapped student) gives
+    the first h_S channels to the student and the rest to the teacher; yields the ``adjust_tensor_shapes_fn`` of
+    forward_backward_pipelining_without_interleaving.
+
+    The received tensor requires grad: the student's slice carries the gradient back to the previous stage, the
+    teacher's (run under no_grad) gets zeros, which that stage's backward through torch.cat discards.
+    """
+    h_student = model.config.hidden_size
+    h_total = h_student + teacher.model.config.hidden_size
+
+    def set_input_tensor(input_tensor):
+        hidden = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+        student_part, teacher_part = (None, None) if hidden is None else (hidden[..., :h_student],
+                                                                          hidden[..., h_student:])
+        type(model).set_input_tensor(model, student_part)  # None on the first stage
+        teacher.model.set_input_tensor(teacher_part)
+
+    def adjust_tensor_shapes(recv_shapes, send_shapes):
+        return ([(*shape[:-1], h_total) for shape in recv_shapes], [(*shape[:-1], h_total) for shape in send_shapes])
+
+    model.set_input_tensor = set_input_tensor  # an instance attribute shadows GPTModel.set_input_tensor
+    try:
+        yield adjust_tensor_shapes
+    finally:
+        del model.set_input_tensor
 
 
 def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict]) -> None:
@@ -184,10 +227,13 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
     teacher=None: LM fine-tuning (teacher correction), loss = mean next-token cross-entropy.
     teacher (Teacher or CachedTeacher): loss = mean kd_loss(student_logits, teacher.targets(tokens)) per token
         (+ lm_loss_weight * cross-entropy); kd_loss defaults to VocabParallelKDLoss() (forward KL) for a Teacher
-        and CachedTopKKLLoss() for a CachedTeacher. Tensor and data parallelism; no pipeline parallelism yet.
-    intermediate: hidden-state losses added per token (needs a live Teacher); their projections (when the hidden
-        sizes differ) are attached to ``model`` while it trains, saved in its resume checkpoints, and removed at
-        the end, so the caller saves a plain student.
+        and CachedTopKKLLoss() for a CachedTeacher. Tensor, sequence, data and pipeline parallelism; under
+        pipeline parallelism a live teacher has the student's layout (this rank holds teacher stage i and student
+        stage i) and the stages send [s, b, h_S + h_T] (both models' hidden states); a CachedTeacher's targets are
+        looked up on the last stage only.
+    intermediate: hidden-state losses added per token (needs a live Teacher and pipeline_model_parallel_size=1);
+        their projections (when the hidden sizes differ) are attached to ``model`` while it trains, saved in its
+        resume checkpoints, and removed at the end, so the caller saves a plain student.
     train_sequences: packed token sequences [n, s + 1], the same on every rank; step k takes sequences
         [k * G, (k + 1) * G) of seeded epoch shuffles (``global_batch``), data-parallel rank r its r-th slice.
     validation: sequences [m, s + 1] (the same on every rank): validation loss every cfg.eval_interval steps and
@@ -208,6 +254,7 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     num_microbatches = cfg.num_microbatches(dp_size)
+    pipeline_parallel = parallel_state.get_pipeline_model_parallel_world_size() > 1
     if train_sequences.ndim != 2 or train_sequences.shape[1] < 2:
         raise ValueError(f"train_sequences must be [n, s + 1] with s >= 1, got shape {tuple(train_sequences.shape)}")
     if validation is not None and validation.shape[0] % (cfg.micro_batch_size * dp_size):
@@ -222,13 +269,16 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
             raise ValueError("train: kd_loss and intermediate need a teacher")
         forward_step = lm_forward_step
     else:
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError("distillation with pipeline parallelism")
         if kd_loss is None:
             kd_loss = CachedTopKKLLoss() if isinstance(teacher, CachedTeacher) else VocabParallelKDLoss()
         if intermediate is not None and not isinstance(teacher, Teacher):
             raise ValueError("train: intermediate losses need a live Teacher (a CachedTeacher has no hidden states)")
+        if intermediate is not None and pipeline_parallel:
+            raise ValueError("train: intermediate losses need pipeline_model_parallel_size=1, got "
+                             f"{parallel_state.get_pipeline_model_parallel_world_size()}")
         forward_step = _kd_forward_step(teacher, kd_loss, lm_loss_weight, intermediate)
+    # A live teacher's stages run alongside the student's, their hidden states sent through the pipeline together.
+    teacher_pipeline = pipeline_parallel and isinstance(teacher, Teacher)
     seq_length = train_sequences.shape[1] - 1
 
     config = model.config
@@ -276,10 +326,12 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
             local = batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
             ddp_model.zero_grad_buffer()
             optimizer.zero_grad()
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=micro_batches(local, cfg.micro_batch_size),
-                model=[ddp_model], num_microbatches=num_microbatches, seq_length=seq_length,
-                micro_batch_size=cfg.micro_batch_size, forward_only=False)
+            with _teacher_pipeline(model, teacher) if teacher_pipeline else nullcontext() as adjust_tensor_shapes:
+                outputs = get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=micro_batches(local, cfg.micro_batch_size),
+                    model=[ddp_model], num_microbatches=num_microbatches, seq_length=seq_length,
+                    micro_batch_size=cfg.micro_batch_size, forward_only=False,
+                    adjust_tensor_shapes_fn=adjust_tensor_shapes)
             update_successful, grad_norm, _ = optimizer.step()
             if update_successful:  # fp16 loss scaling skips steps with inf / NaN gradients
                 scheduler.step(increment=1)
