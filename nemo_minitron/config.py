@@ -99,6 +99,7 @@ class DistillConfig(TrainStageConfig):
     temperature: float = 1.0
     top_k: Optional[int] = None  # for loss=topk_forward_kl
     chunk_size: Optional[int] = None  # tokens per chunk of the KD loss (bounds float32 probability memory)
+    fuse_output_layer: bool = False  # compute the logits inside the chunked loss: full logits never exist
     lm_loss_weight: float = 0.0
     # Intermediate hidden-state losses (off by default; the papers use them when many layers are removed):
     # [student_layer, teacher_layer] pairs of 0-based layer indices whose outputs are compared.

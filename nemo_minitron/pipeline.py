@@ -258,7 +258,8 @@ def distill(recipe: RecipeConfig) -> None:
                                             weight=d.intermediate_weight, balance=d.balance_losses)
         out = run.distilled(d.student)
         history = _train(recipe, d, student, arch, run, out, teacher=Teacher(teacher_model), kd_loss=loss,
-                         lm_loss_weight=d.lm_loss_weight, intermediate=intermediate)
+                         lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
+                         fuse_output_layer=d.fuse_output_layer)
         save_checkpoint(student, arch, out)
         _write_json(out / "history.json", history)
         from transformers import AutoTokenizer

@@ -13,6 +13,15 @@ def test_demo_recipe_loads_typed():
     assert recipe.distill.student == "width"
 
 
+@pytest.mark.parametrize("name", ["llama31_8b_to_4b", "mistral_nemo_12b_to_8b"])
+def test_gpu_recipes_load(name, tmp_path):
+    """The large recipes are valid apart from what needs their GPU machine (TE, FP8, the checkpoint)."""
+    recipe = load_recipe(DEMO_RECIPE.parent / f"{name}.yaml",
+                         ["model.transformer_impl=local", "model.fp8=null", f"model.source={tmp_path}"])
+    assert recipe.parallel.sequence_parallel and recipe.distill.fuse_output_layer
+    assert recipe.data.seq_length == 8192 and recipe.prune[recipe.distill.student]
+
+
 def test_overrides_win_over_file():
     recipe = load_recipe(DEMO_RECIPE, ["distill.steps=5", "prune.width.hidden_size=192", "data.seq_length=64"])
     assert (recipe.distill.steps, recipe.prune["width"].hidden_size, recipe.data.seq_length) == (5, 192, 64)

@@ -87,13 +87,15 @@ def test_tiny_recipe_end_to_end(tiny_run):
 
 
 def test_tiny_recipe_at_tp2_matches_tp1(tiny_run, tiny_hf_run_inputs, tmp_path):
-    """The same recipe on 2 gloo ranks (TP=2): identical scores, teacher and depth-pruned losses; KD runs."""
+    """The same recipe on 2 gloo ranks (TP=2 with sequence parallelism): identical scores, teacher and depth-pruned
+    losses; KD (fused with the output layer) runs."""
     from safetensors.torch import load_file
 
     tp1_dir, _ = tiny_run
     run_dir = tmp_path / "tp2"
     minitron("run", "--recipe", str(REPO / "recipes" / "demo.yaml"), *tiny_overrides(tiny_hf_run_inputs, run_dir),
-             "parallel.tensor_model_parallel_size=2", nproc=2)
+             "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+             "distill.fuse_output_layer=true", "distill.chunk_size=48", nproc=2)
     tp1, tp2 = (json.loads((d / "eval.json").read_text()) for d in (tp1_dir, run_dir))
     for label in ("teacher", "teacher (corrected)", "pruned/depth"):
         assert tp2[label]["val_loss"] == pytest.approx(tp1[label]["val_loss"], abs=1e-4), label

@@ -1,9 +1,11 @@
-"""Distillation under pipeline parallelism: PP=2 on 2 gloo ranks reproduces the PP=1 run."""
+"""Distillation under pipeline parallelism: PP=2 on 2 gloo ranks reproduces the PP=1 run (logits, fused output
+layer, cached teacher)."""
 
 import pytest
 import torch
 
 from nemo_minitron.distillation.intermediate import IntermediateLoss
+from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import CachedTeacher, Teacher, write_teacher_cache
 from nemo_minitron.distillation.trainer import TrainConfig, train
 from nemo_minitron.models.build import build_gpt_model
@@ -24,14 +26,21 @@ def _global_params(model, pp_rank: int) -> dict:
     return out
 
 
+def _variants(teacher, cache) -> dict:
+    """train() keyword arguments of each distillation variant: live teacher, fused output layer, cached teacher."""
+    return {"live": dict(teacher=teacher, lm_loss_weight=0.5),
+            "fused": dict(teacher=teacher, lm_loss_weight=0.5, fuse_output_layer=True,
+                          kd_loss=VocabParallelKDLoss(chunk_size=5)),
+            "cached": dict(teacher=CachedTeacher(cache))}
+
+
 def _pp2_runs(rank, world_size, teacher_arch, student_arch, teacher_full, student_full, seqs, cfg, cache, out_dir):
-    """KD from a live teacher (both models split over the 2 stages) and from the cached teacher, each from the
-    same full initial student; then intermediate losses must be refused. Each rank saves its stage's results."""
+    """KD from a live teacher (both models split over the 2 stages; logits, or fused with the output layer) and from
+    the cached teacher, each from the same full initial student; then intermediate losses must be refused. Each rank saves its stage's results."""
     init_distributed(ParallelConfig(pipeline_model_parallel_size=2))
     teacher = Teacher(_build_from_full(teacher_arch, teacher_full, pp_rank=rank))
     results = {}
-    for name, kwargs in (("live", dict(teacher=teacher, lm_loss_weight=0.5)),
-                         ("cached", dict(teacher=CachedTeacher(cache)))):
+    for name, kwargs in _variants(teacher, cache).items():
         student = _build_from_full(student_arch, student_full, pp_rank=rank)
         student.config.deallocate_pipeline_outputs = True  # Megatron's memory saving: the sent outputs are freed
         history = train(student, seqs, cfg, progress=False, **kwargs)
@@ -50,8 +59,7 @@ def test_pp2_distillation_equals_pp1(tiny_arch, single_process, tmp_path):
     teacher = Teacher(_build_from_full(teacher_arch, teacher_full))
     cache = write_teacher_cache(teacher, seqs, tmp_path / "teacher.safetensors", top_k=8)
     references = {}
-    for name, kwargs in (("live", dict(teacher=teacher, lm_loss_weight=0.5)),
-                         ("cached", dict(teacher=CachedTeacher(cache)))):
+    for name, kwargs in _variants(teacher, cache).items():
         student = _build_from_full(student_arch, student_full)
         references[name] = {"history": train(student, seqs, cfg, progress=False, **kwargs), "params": _params(student)}
 
@@ -69,3 +77,9 @@ def test_pp2_distillation_equals_pp1(tiny_arch, single_process, tmp_path):
             assert not torch.equal(p, student_full[key]), key  # every parameter trained, the first stage's too
             torch.testing.assert_close(p, reference["params"][key], atol=1e-5, rtol=0, msg=f"{name} {key}")
     assert "lm_loss" in references["live"]["history"][0] and "lm_loss" not in references["cached"]["history"][0]
+    # Fusing the loss with the output layer changes nothing but memory: same losses and weights as from the logits.
+    live, fused = references["live"], references["fused"]
+    for key in ("loss", "kd_loss", "lm_loss", "grad_norm"):
+        assert [h[key] for h in fused["history"]] == pytest.approx([h[key] for h in live["history"]], rel=1e-5)
+    for key, p in fused["params"].items():
+        torch.testing.assert_close(p, live["params"][key], atol=1e-5, rtol=0, msg=key)

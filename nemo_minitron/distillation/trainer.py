@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.distillation.fused_output import FusedOutputKDLoss, final_hidden_states
 from nemo_minitron.distillation.intermediate import IntermediateLoss
 from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import CachedTeacher, CachedTopKKLLoss, Teacher
@@ -101,10 +102,13 @@ def global_batch(sequences: torch.Tensor, step: int, global_batch_size: int, see
     return sequences[rows]
 
 
-def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float, intermediate: IntermediateLoss | None = None):
-    """Megatron forward_step_func for distillation: per-token kd_loss(student, teacher) (+ the weighted
-    intermediate hidden-state losses) (+ lm_loss_weight * LM cross-entropy), summed with its token count.
+def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float, intermediate: IntermediateLoss | None = None,
+                     fused: FusedOutputKDLoss | None = None):
+    """Megatron forward_step_func for distillation: kd_loss(student, teacher) (+ the weighted intermediate
+    hidden-state losses) (+ lm_loss_weight * LM cross-entropy), summed over the tokens, with the token count.
 
+    With ``fused`` (a FusedOutputKDLoss carrying kd_loss and lm_loss_weight) the last stage stops both models at
+    their final hidden states and the loss computes the logits chunk by chunk, never all at once.
     Under pipeline parallelism a non-last stage returns cat([student_hidden, teacher_hidden], -1) [s, b, h_S + h_T]
     for a live Teacher (its stage input was split by ``_teacher_pipeline``) and the student's hidden states for a
     CachedTeacher; only the last stage computes the loss."""
@@ -123,28 +127,42 @@ def _kd_forward_step(teacher, kd_loss, lm_loss_weight: float, intermediate: Inte
                 hidden = torch.cat([hidden, teacher_hidden], dim=-1)  # backward routes the student part only
             return hidden, None  # the schedule calls loss_func on the last stage only
         with intermediate.capture(teacher.model, "teacher") if intermediate else nullcontext() as teacher_states:
-            targets = teacher.targets(tokens)
+            if fused is None:
+                targets = teacher.targets(tokens)
+            else:
+                with torch.no_grad():
+                    targets = final_hidden_states(teacher.model, tokens, position_ids, mask)
         with intermediate.capture(model, "student") if intermediate else nullcontext() as student_states:
-            logits = model(tokens, position_ids, mask)
+            if fused is None:
+                output = model(tokens, position_ids, mask)  # logits [b, s, V/TP]
+            else:
+                student_final = final_hidden_states(model, tokens, position_ids, mask)
+                output = student_final.hidden
 
-        def loss_func(logits: torch.Tensor):
+        def loss_func(output: torch.Tensor):
             loss_mask = torch.ones_like(labels, dtype=torch.bool)
-            kd = kd_loss(logits, targets, loss_mask).float()
-            count = torch.tensor(labels.numel(), device=logits.device, dtype=torch.int)
-            report = {"kd loss": torch.stack([kd.sum().detach(), count.float()])}
-            per_token = kd
+            count = torch.tensor(labels.numel(), device=output.device, dtype=torch.int)
+            if fused is not None:
+                out = fused(student_final._replace(hidden=output), targets, loss_mask,
+                            labels if lm_loss_weight > 0 else None)
+                total, kd_sum, lm_sum = out.loss, out.kd, out.lm
+            else:
+                kd_sum = total = kd_loss(output, targets, loss_mask).float().sum()
+                lm_sum = None
+                if lm_loss_weight > 0:
+                    lm_sum = vocab_parallel_cross_entropy(output.float(), labels).sum()
+                    total = total + lm_loss_weight * lm_sum
+            report = {"kd loss": torch.stack([kd_sum.detach(), count.float()])}
+            if lm_sum is not None:
+                report["lm loss"] = torch.stack([lm_sum.detach(), count.float()])
             if intermediate is not None:
                 inter = intermediate.per_token(model, student_states, teacher_states, loss_mask)
                 report["inter loss"] = torch.stack([inter.sum().detach() / inter.shape[0], count.float()])
-                per_token = per_token + (intermediate.weights(kd, inter)[:, None, None] * inter).sum(dim=0)
-            if lm_loss_weight > 0:
-                lm = vocab_parallel_cross_entropy(logits.float(), labels)
-                report["lm loss"] = torch.stack([lm.sum().detach(), count.float()])
-                per_token = per_token + lm_loss_weight * lm
-            report["objective"] = torch.stack([per_token.sum().detach(), count.float()])
-            return per_token.sum(), count, report
+                total = total + (intermediate.weights(kd_sum, inter)[:, None, None] * inter).sum()
+            report["objective"] = torch.stack([total.detach(), count.float()])
+            return total, count, report
 
-        return logits, loss_func
+        return output, loss_func
 
     return forward_step
 
@@ -220,8 +238,8 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
 
 def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=None, kd_loss=None,
           lm_loss_weight: float = 0.0, intermediate: IntermediateLoss | None = None,
-          validation: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
-          arch=None, resume: bool = True, progress: bool = True) -> list[dict]:
+          fuse_output_layer: bool = False, validation: torch.Tensor | None = None,
+          checkpoint_dir: str | Path | None = None, arch=None, resume: bool = True, progress: bool = True) -> list[dict]:
     """Train ``model`` (this rank's Megatron-Core GPTModel) in place for cfg.steps steps; returns the history.
 
     teacher=None: LM fine-tuning (teacher correction), loss = mean next-token cross-entropy.
@@ -236,6 +254,9 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
         resume checkpoints, and removed at the end, so the caller saves a plain student.
     train_sequences: packed token sequences [n, s + 1], the same on every rank; step k takes sequences
         [k * G, (k + 1) * G) of seeded epoch shuffles (``global_batch``), data-parallel rank r its r-th slice.
+    fuse_output_layer: compute the logit loss from both models' final hidden states and output weights, chunk by
+        chunk (FusedOutputKDLoss; kd_loss.chunk_size tokens at a time), so the full logits never exist; same
+        loss and gradients.
     validation: sequences [m, s + 1] (the same on every rank): validation loss every cfg.eval_interval steps and
         at the end.
     checkpoint_dir: save every cfg.save_interval steps and at the end (needs ``arch``, the student's ModelArch);
@@ -265,8 +286,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
     if lm_loss_weight < 0:
         raise ValueError(f"train.lm_loss_weight must be >= 0, got {lm_loss_weight}")
     if teacher is None:
-        if kd_loss is not None or intermediate is not None:
-            raise ValueError("train: kd_loss and intermediate need a teacher")
+        if kd_loss is not None or intermediate is not None or fuse_output_layer:
+            raise ValueError("train: kd_loss, intermediate and fuse_output_layer need a teacher")
         forward_step = lm_forward_step
     else:
         if kd_loss is None:
@@ -276,7 +297,13 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=Non
         if intermediate is not None and pipeline_parallel:
             raise ValueError("train: intermediate losses need pipeline_model_parallel_size=1, got "
                              f"{parallel_state.get_pipeline_model_parallel_world_size()}")
-        forward_step = _kd_forward_step(teacher, kd_loss, lm_loss_weight, intermediate)
+        fused = None
+        if fuse_output_layer:
+            if not isinstance(teacher, Teacher) or not isinstance(kd_loss, VocabParallelKDLoss):
+                raise ValueError("train: fuse_output_layer needs a live Teacher and a VocabParallelKDLoss (it computes "
+                                 "the logits of both models from their final hidden states)")
+            fused = FusedOutputKDLoss(kd_loss, lm_loss_weight)
+        forward_step = _kd_forward_step(teacher, kd_loss, lm_loss_weight, intermediate, fused)
     # A live teacher's stages run alongside the student's, their hidden states sent through the pipeline together.
     teacher_pipeline = pipeline_parallel and isinstance(teacher, Teacher)
     seq_length = train_sequences.shape[1] - 1
