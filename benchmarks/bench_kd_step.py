@@ -1,7 +1,8 @@
 """Overhead of the distillation step: time of one KD training step (trainer.train: teacher forward, student
 forward, vocab-parallel forward KL, backward, DDP grad finalisation, clipped Adam step, scheduler) divided by the
 time of its unavoidable parts measured alone in the same run (teacher forward + student forward/backward with a
-plain cross-entropy). The two are measured alternately (the machine may be shared); medians after warm-up.
+plain cross-entropy). The two are measured alternately (the machine may be shared); the recorded ratio is the median
+of the ratios of adjacent pairs, after warm-up.
 
 Two shapes, because the ratio depends on how heavy the per-token vocabulary work (the loss, ~V elementwise
 operations per token) and the per-step work (the optimizer, ~parameters) are next to the model's matmuls:
@@ -40,7 +41,7 @@ SHAPES = {
     "vocab_heavy": ModelArch(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8,
                              num_query_groups=4, vocab_size=8192, kv_channels=32, max_position_embeddings=256),
 }
-BATCH, SEQ, WARMUP, REPEATS = 4, 128, 1, 7
+BATCH, SEQ, WARMUP, REPEATS = 4, 128, 1, 15
 
 
 def _seconds(fn) -> float:
@@ -52,7 +53,8 @@ def _seconds(fn) -> float:
 
 
 def measure(arch: ModelArch) -> dict:
-    """Median KD step and median (teacher forward + student forward/backward) seconds, alternated REPEATS times."""
+    """The median over REPEATS adjacent pairs of (KD step) / (teacher forward + student forward/backward): the
+    load of the shared machine drifts, and a pair measured back to back sees nearly the same load."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     teacher = Teacher(build_gpt_model(arch))
@@ -75,8 +77,10 @@ def measure(arch: ModelArch) -> dict:
     baselines, kd_steps = baselines[1:], kd_steps[1:]  # the first repetition warms up
     kd_step, parts = statistics.median(kd_steps), statistics.median(baselines)
     layer_params = arch.num_parameters() - arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-    return dict(ratio=kd_step / parts, kd_step_s=round(kd_step, 4),
-                teacher_forward_plus_student_fwd_bwd_s=round(parts, 4),
+    pair_ratios = [k / b for k, b in zip(kd_steps, baselines)]
+    return dict(ratio=statistics.median(pair_ratios), kd_step_s=round(kd_step, 4),
+                teacher_forward_plus_student_fwd_bwd_s=round(parts, 4), ratio_of_medians=round(kd_step / parts, 4),
+                pair_ratio_quartiles=[round(q, 4) for q in statistics.quantiles(pair_ratios, n=4)],
                 ratio_of_minimums=round(min(kd_steps) / min(baselines), 4),
                 layer_params_per_vocab_entry=round(layer_params / arch.vocab_size), arch=arch.to_dict())
 
