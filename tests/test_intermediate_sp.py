@@ -68,7 +68,8 @@ def test_sp_per_token_losses_and_gradients_equal_tp1(tiny_arch, single_process):
     expected = _per_token_and_grads(student, teacher, tokens, loss_mask, coeffs)
     assert expected.shape == (len(PAIRS), *tokens.shape) and (expected[:, ~loss_mask] == 0).all()
     grads = {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in student.named_parameters()}
-    for name in ("kd_projections.1.weight", "decoder.layers.0.input_layernorm.weight", "embedding.word_embeddings.weight"):
+    for name in ("kd_projections.1.weight", "decoder.layers.0.input_layernorm.weight",
+                 "embedding.word_embeddings.weight"):
         assert grads[name].abs().max() > 0, name
     run_distributed(_per_token_sp_run, 2, teacher_arch, student_arch, teacher_full, student_full, tokens, loss_mask,
                     coeffs, expected, grads)

@@ -36,7 +36,8 @@ def _variants(teacher, cache) -> dict:
 
 def _pp2_runs(rank, world_size, teacher_arch, student_arch, teacher_full, student_full, seqs, cfg, cache, out_dir):
     """KD from a live teacher (both models split over the 2 stages; logits, or fused with the output layer) and from
-    the cached teacher, each from the same full initial student; then intermediate losses must be refused. Each rank saves its stage's results."""
+    the cached teacher, each from the same full initial student; then intermediate losses must be refused. Each
+    rank saves its stage's results."""
     init_distributed(ParallelConfig(pipeline_model_parallel_size=2))
     teacher = Teacher(_build_from_full(teacher_arch, teacher_full, pp_rank=rank))
     results = {}

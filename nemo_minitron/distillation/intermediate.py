@@ -157,7 +157,8 @@ class IntermediateLoss:
 
     def weights(self, kd: torch.Tensor, inter: torch.Tensor) -> torch.Tensor:
         """Weights [num_pairs] (no gradient) of the per-token losses inter [num_pairs, b, s] given the logit loss
-        kd (per token [b, s], or its sum; masked tokens 0 in both): ``weight``, or with balance mean(kd) / (num_pairs * mean(inter_i))
+        kd (per token [b, s], or its sum; masked tokens 0 in both): ``weight``, or with balance
+        mean(kd) / (num_pairs * mean(inter_i))
         (0 for a pair whose loss is 0)."""
         n = inter.shape[0]
         if not self.balance:

@@ -239,7 +239,8 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
 def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, *, teacher=None, kd_loss=None,
           lm_loss_weight: float = 0.0, intermediate: IntermediateLoss | None = None,
           fuse_output_layer: bool = False, validation: torch.Tensor | None = None,
-          checkpoint_dir: str | Path | None = None, arch=None, resume: bool = True, progress: bool = True) -> list[dict]:
+          checkpoint_dir: str | Path | None = None, arch=None, resume: bool = True,
+          progress: bool = True) -> list[dict]:
     """Train ``model`` (this rank's Megatron-Core GPTModel) in place for cfg.steps steps; returns the history.
 
     teacher=None: LM fine-tuning (teacher correction), loss = mean next-token cross-entropy.

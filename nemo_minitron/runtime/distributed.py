@@ -27,7 +27,8 @@ class ParallelConfig:
     def validate(self, world_size: int) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if tp < 1 or pp < 1:
-            raise ValueError(f"parallel: tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1, got {tp}, {pp}")
+            raise ValueError(f"parallel: tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1, "
+                             f"got {tp}, {pp}")
         if self.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
         if world_size % (tp * pp):
