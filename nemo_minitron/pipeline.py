@@ -105,10 +105,9 @@ def _local_split(sequences: torch.Tensor) -> torch.Tensor:
 def _build_kwargs(recipe: RecipeConfig, local: bool = False) -> dict:
     """build_gpt_model's options from the recipe; scoring and pruning hook / slice the modules of the local
     (non-Transformer-Engine) layer spec, so they ask for it with ``local``."""
-    kwargs = dict(transformer_impl=recipe.model.transformer_impl, fp8=recipe.model.fp8)
-    if local:
-        kwargs = dict(transformer_impl="local")
-    return dict(kwargs, sequence_parallel=recipe.parallel.sequence_parallel)
+    impl = dict(transformer_impl="local") if local else dict(transformer_impl=recipe.model.transformer_impl,
+                                                              fp8=recipe.model.fp8)
+    return dict(impl, sequence_parallel=recipe.parallel.sequence_parallel)
 
 
 def _load(path: Path, recipe: RecipeConfig, local: bool = False):

@@ -159,15 +159,21 @@ def _shard(name: str, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     return full  # norms: replicated
 
 
+def _global_name(name: str, pp_rank: int, layers_per_stage: int) -> str:
+    """A pipeline stage's parameter name under its PP=1 name (local layer i -> i + pp_rank * layers_per_stage)."""
+    if not name.startswith("decoder.layers."):
+        return name
+    local = int(name.split(".")[2])
+    return name.replace(f"layers.{local}.", f"layers.{local + pp_rank * layers_per_stage}.", 1)
+
+
 def _build_from_full(arch, full: dict, tp_rank: int = 0, tp: int = 1, pp_rank: int = 0):
     """This rank's model with the full (TP=1, PP=1) weights: its TP shard of its pipeline stage's layers."""
     model = build_gpt_model(arch)
     layers_per_stage = len(model.decoder.layers)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith("decoder.layers."):
-                local = int(name.split(".")[2])
-                name = name.replace(f"layers.{local}.", f"layers.{local + pp_rank * layers_per_stage}.", 1)
+            name = _global_name(name, pp_rank, layers_per_stage)
             shard = _shard(name, full[name], tp_rank, tp)
             assert shard.shape == p.shape, name
             p.copy_(shard)

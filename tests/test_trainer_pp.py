@@ -11,19 +11,13 @@ from nemo_minitron.distillation.trainer import TrainConfig, train
 from nemo_minitron.models.build import build_gpt_model
 from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 from tests.distributed import run_distributed
-from tests.test_trainer import _build_from_full, _params, _sequences
+from tests.test_trainer import _build_from_full, _global_name, _params, _sequences
 
 
 def _global_params(model, pp_rank: int) -> dict:
-    """This stage's parameters under their PP=1 names (local layer i -> i + pp_rank * layers per stage)."""
+    """This stage's parameters under their PP=1 names."""
     per_stage = len(model.decoder.layers)
-    out = {}
-    for name, p in _params(model).items():
-        if name.startswith("decoder.layers."):
-            local = int(name.split(".")[2])
-            name = name.replace(f"layers.{local}.", f"layers.{local + pp_rank * per_stage}.", 1)
-        out[name] = p
-    return out
+    return {_global_name(name, pp_rank, per_stage): p for name, p in _params(model).items()}
 
 
 def _variants(teacher, cache) -> dict:
