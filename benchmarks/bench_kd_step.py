@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.results import record  # noqa: E402
+from nemo_minitron.distillation.forward_step import ForwardStep  # noqa: E402
 from nemo_minitron.distillation.teacher import Teacher  # noqa: E402
 from nemo_minitron.distillation.trainer import TrainConfig, train  # noqa: E402
 from nemo_minitron.models.arch import ModelArch  # noqa: E402
@@ -72,7 +73,7 @@ def measure(arch: ModelArch) -> dict:
     for _ in range(REPEATS + 1):
         teacher_forward = _seconds(lambda: teacher.logits(tokens))
         baselines.append(teacher_forward + _seconds(student_forward_backward))
-        history = train(build_gpt_model(arch), sequences, cfg, teacher=teacher, progress=False)
+        history = train(build_gpt_model(arch), sequences, cfg, ForwardStep(teacher), progress=False)
         kd_steps.append(history[-1]["seconds"])
     baselines, kd_steps = baselines[1:], kd_steps[1:]  # the first repetition warms up
     kd_step, parts = statistics.median(kd_steps), statistics.median(baselines)

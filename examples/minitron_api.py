@@ -9,6 +9,7 @@ Megatron-Core model (models.hf_convert.load_hf_checkpoint + load_hf_state_dict) 
 
 import torch
 
+from nemo_minitron.distillation.forward_step import ForwardStep
 from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import Teacher
 from nemo_minitron.distillation.trainer import TrainConfig, train
@@ -40,7 +41,7 @@ def main():
     # 3. Distil: forward KL on logits (vocab-parallel), Megatron-Core DDP + optimizer + cosine schedule.
     cfg = TrainConfig(steps=10, micro_batch_size=4, global_batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=1)
     before = validation_loss(student, validation)
-    history = train(student, train_split, cfg, teacher=Teacher(teacher), kd_loss=VocabParallelKDLoss("forward_kl"),
+    history = train(student, train_split, cfg, ForwardStep(Teacher(teacher), VocabParallelKDLoss("forward_kl")),
                     progress=False)
     # 4. Evaluate.
     print(f"student {student_arch.num_parameters():,} params (teacher {arch.num_parameters():,})")

@@ -168,13 +168,14 @@ def prepare(recipe: RecipeConfig) -> None:
         log(f"[prepare] teacher {arch.num_parameters() / 1e6:.1f}M parameters -> {run.teacher}")
 
 
-def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: Path, **kwargs):
-    """Megatron-Core training of ``model`` on the run's train split; state (for resume) in out_dir/train_state."""
+def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: Path, forward_step=None):
+    """Megatron-Core training of ``model`` on the run's train split with ``forward_step`` (default: LM loss); state
+    (for resume) in out_dir/train_state."""
     from nemo_minitron.distillation.trainer import train
 
     cfg = stage_cfg.train_config(seed=recipe.data.seed)
-    return train(model, run.split("train"), cfg, validation=run.split("validation"), arch=arch,
-                 checkpoint_dir=out_dir / "train_state", **kwargs)
+    return train(model, run.split("train"), cfg, forward_step, validation=run.split("validation"), arch=arch,
+                 checkpoint_dir=out_dir / "train_state")
 
 
 def correct(recipe: RecipeConfig) -> None:
@@ -239,6 +240,7 @@ def prune(recipe: RecipeConfig) -> None:
 
 def distill(recipe: RecipeConfig) -> None:
     """Logit distillation of the chosen pruned student from the teacher; exports the result to Hugging Face."""
+    from nemo_minitron.distillation.forward_step import ForwardStep
     from nemo_minitron.distillation.intermediate import IntermediateLoss
     from nemo_minitron.distillation.losses import VocabParallelKDLoss
     from nemo_minitron.distillation.teacher import Teacher
@@ -256,9 +258,9 @@ def distill(recipe: RecipeConfig) -> None:
             intermediate = IntermediateLoss(d.intermediate_pairs, kind=d.intermediate_loss,
                                             weight=d.intermediate_weight, balance=d.balance_losses)
         out = run.distilled(d.student)
-        history = _train(recipe, d, student, arch, run, out, teacher=Teacher(teacher_model), kd_loss=loss,
-                         lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
-                         fuse_output_layer=d.fuse_output_layer)
+        forward_step = ForwardStep(Teacher(teacher_model), loss, lm_loss_weight=d.lm_loss_weight,
+                                   intermediate=intermediate, fuse_output_layer=d.fuse_output_layer)
+        history = _train(recipe, d, student, arch, run, out, forward_step)
         save_checkpoint(student, arch, out)
         _write_json(out / "history.json", history)
         from transformers import AutoTokenizer

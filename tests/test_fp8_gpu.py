@@ -18,6 +18,7 @@ def test_transformer_engine_request_fails_clearly_without_it():
 @pytest.mark.skipif(not transformer_engine_available(), reason="needs Transformer Engine and a CUDA GPU")
 def test_fp8_distillation_tracks_bf16(single_process):
     """A short KD run with FP8 (delayed scaling) follows the bf16 run's loss curve within a few percent."""
+    from nemo_minitron.distillation.forward_step import ForwardStep
     from nemo_minitron.distillation.losses import VocabParallelKDLoss
     from nemo_minitron.distillation.teacher import Teacher
     from nemo_minitron.distillation.trainer import TrainConfig, train
@@ -34,7 +35,7 @@ def test_fp8_distillation_tracks_bf16(single_process):
         student = build_gpt_model(arch.replace(num_layers=2), transformer_impl="transformer_engine", fp8=fp8,
                                   params_dtype=torch.bfloat16)
         cfg = TrainConfig(steps=8, micro_batch_size=4, global_batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=1)
-        history = train(student, data, cfg, teacher=Teacher(teacher), kd_loss=VocabParallelKDLoss(), progress=False)
+        history = train(student, data, cfg, ForwardStep(Teacher(teacher), VocabParallelKDLoss()), progress=False)
         curves[fp8] = torch.tensor([h["loss"] for h in history])
     assert curves["delayed"][-1] < curves["delayed"][0]
     assert torch.allclose(curves["delayed"], curves[None], rtol=0.05)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nemo_minitron.config import DistillConfig, RecipeConfig, load_recipe
+from nemo_minitron.distillation.forward_step import ForwardStep
 from nemo_minitron.distillation.intermediate import IntermediateLoss
 from nemo_minitron.distillation.teacher import CachedTeacher, Teacher, write_teacher_cache
 from nemo_minitron.distillation.trainer import TrainConfig, train
@@ -96,7 +97,7 @@ def test_training_learns_projection_and_saves_plain_student(tiny_arch, single_pr
     kl = _kl(teacher_model, student, tokens)
     teacher_before = _params(teacher_model)
 
-    history = train(student, seqs, cfg, teacher=Teacher(teacher_model), intermediate=IntermediateLoss([[0, 1]]),
+    history = train(student, seqs, cfg, ForwardStep(Teacher(teacher_model), intermediate=IntermediateLoss([[0, 1]])),
                     checkpoint_dir=tmp_path / "state", arch=student_arch, progress=False)
     assert abs(history[0]["inter_loss"] - inter) < 1e-5 and abs(history[0]["kd_loss"] - kl) < 1e-5
     assert abs(history[0]["loss"] - (kl + inter)) < 1e-5
@@ -131,8 +132,9 @@ def test_balancer_matches_logit_loss(tiny_arch, single_process):
     # In training: at every micro-batch the intermediate terms sum to the KD loss, so objective = 2 kd + 0.5 lm.
     teacher, student = Teacher(build_gpt_model(tiny_arch)), build_gpt_model(_student_arch(tiny_arch))
     cfg = TrainConfig(steps=1, micro_batch_size=2, global_batch_size=4)
-    history = train(student, _sequences(tiny_arch, 4), cfg, teacher=teacher, lm_loss_weight=0.5, progress=False,
-                    intermediate=IntermediateLoss([[0, 0], [0, 1]], kind="mse", weight=100.0, balance=True))
+    forward_step = ForwardStep(teacher, lm_loss_weight=0.5, intermediate=IntermediateLoss(
+        [[0, 0], [0, 1]], kind="mse", weight=100.0, balance=True))
+    history = train(student, _sequences(tiny_arch, 4), cfg, forward_step, progress=False)
     h = history[0]
     assert h["inter_loss"] > 0 and abs(h["loss"] - (2 * h["kd_loss"] + 0.5 * h["lm_loss"])) < 1e-5
 
@@ -141,7 +143,7 @@ def _tp2_run(rank, world_size, teacher_arch, student_arch, teacher_full, student
     init_distributed(ParallelConfig(tensor_model_parallel_size=2))
     teacher = Teacher(_build_from_full(teacher_arch, teacher_full, rank, 2))
     student = _build_from_full(student_arch, student_full, rank, 2)
-    history = train(student, seqs, cfg, teacher=teacher, intermediate=IntermediateLoss([[0, 1]], kind="mse"),
+    history = train(student, seqs, cfg, ForwardStep(teacher, intermediate=IntermediateLoss([[0, 1]], kind="mse")),
                     progress=False)
     if rank == 0:
         (out_dir / "tp2.json").write_text(json.dumps(history))
@@ -154,8 +156,8 @@ def test_tp2_equals_tp1(tiny_arch, single_process, tmp_path):
     seqs = _sequences(teacher_arch, 4)
     cfg = TrainConfig(steps=2, micro_batch_size=2, global_batch_size=4, lr=1e-2, min_lr=1e-3)
     reference = train(_build_from_full(student_arch, student_full), seqs, cfg,
-                      teacher=Teacher(_build_from_full(teacher_arch, teacher_full)),
-                      intermediate=IntermediateLoss([[0, 1]], kind="mse"), progress=False)
+                      ForwardStep(Teacher(_build_from_full(teacher_arch, teacher_full)),
+                                  intermediate=IntermediateLoss([[0, 1]], kind="mse")), progress=False)
     run_distributed(_tp2_run, 2, teacher_arch, student_arch, teacher_full, student_full, seqs, cfg, tmp_path)
     history = json.loads((tmp_path / "tp2.json").read_text())
     for key in ("loss", "inter_loss", "kd_loss", "grad_norm"):  # step 2's losses follow step 1's update
@@ -183,6 +185,5 @@ def test_bad_values_raise(tiny_arch, single_process, tmp_path):
         IntermediateLoss([[0, 2]]).attach(student, teacher)
     seqs = _sequences(tiny_arch, 2)
     cached = CachedTeacher(write_teacher_cache(Teacher(teacher), seqs, tmp_path / "c.safetensors", top_k=4))
-    with pytest.raises(ValueError, match="live Teacher"):
-        train(student, seqs, TrainConfig(steps=1), teacher=cached, intermediate=IntermediateLoss([[0, 1]]),
-              progress=False)
+    with pytest.raises(ValueError, match="intermediate losses need a live Teacher"):
+        ForwardStep(cached, intermediate=IntermediateLoss([[0, 1]]))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nemo_minitron.distillation.forward_step import ForwardStep
 from nemo_minitron.distillation.intermediate import IntermediateLoss
 from nemo_minitron.distillation.teacher import Teacher
 from nemo_minitron.distillation.trainer import TrainConfig, train
@@ -87,7 +88,7 @@ def _train(student, teacher, seqs):
     """3 KD steps: forward KL + MSE intermediate losses (with projections) + 0.5 LM loss; (history, weights)."""
     inter = _KeepProjections(PAIRS, kind="mse")
     cfg = TrainConfig(steps=3, micro_batch_size=2, global_batch_size=4, lr=1e-2, min_lr=1e-3)
-    history = train(student, seqs, cfg, teacher=Teacher(teacher), lm_loss_weight=0.5, intermediate=inter,
+    history = train(student, seqs, cfg, ForwardStep(Teacher(teacher), lm_loss_weight=0.5, intermediate=inter),
                     progress=False)
     weights = _params(student)
     weights.update({f"kd_projections.{name}": p for name, p in inter.projections.items()})

@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nemo_minitron.distillation.forward_step import ForwardStep
 from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import CachedTeacher, CachedTopKKLLoss, Teacher, write_teacher_cache
-from nemo_minitron.distillation.trainer import TrainConfig, global_batch, train
+from nemo_minitron.data.order import global_batch
+from nemo_minitron.distillation.trainer import TrainConfig, train
 from nemo_minitron.models.build import build_gpt_model, forward_logits
 from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 from tests.distributed import run_distributed
@@ -87,19 +89,19 @@ def test_kd_loss_value_and_training(tiny_arch, single_process):
     teacher = Teacher(teacher_model)
     teacher_before = _params(teacher_model)
     cfg = TrainConfig(steps=1, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-3)
-    history = train(student, seqs, cfg, teacher=teacher, lm_loss_weight=0.5, progress=False)
+    history = train(student, seqs, cfg, ForwardStep(teacher, lm_loss_weight=0.5), progress=False)
     assert abs(history[0]["kd_loss"] - kl) < 1e-5 and abs(history[0]["lm_loss"] - ce) < 1e-5
     assert abs(history[0]["loss"] - (kl + 0.5 * ce)) < 1e-5
 
     cfg = TrainConfig(steps=6, micro_batch_size=2, global_batch_size=4, lr=5e-3, min_lr=1e-3)
-    history = train(student, seqs, cfg, teacher=teacher, progress=False)
+    history = train(student, seqs, cfg, ForwardStep(teacher), progress=False)
     assert "lm_loss" not in history[0] and history[0]["loss"] == history[0]["kd_loss"]
     assert history[-1]["kd_loss"] < 0.5 * history[0]["kd_loss"]
     after = _params(teacher_model)
     assert all(torch.equal(after[k], v) for k, v in teacher_before.items())  # the teacher never moves
 
     clone = _copy(tiny_arch, teacher_model.state_dict())
-    history = train(clone, seqs, TrainConfig(steps=1, micro_batch_size=2, global_batch_size=4), teacher=teacher,
+    history = train(clone, seqs, TrainConfig(steps=1, micro_batch_size=2, global_batch_size=4), ForwardStep(teacher),
                     progress=False)
     assert abs(history[0]["kd_loss"]) < 1e-6 and history[0]["grad_norm"] < 1e-5
 
@@ -122,7 +124,7 @@ def test_cached_teacher_equals_live_top_k(tiny_arch, single_process, tmp_path):
     # Training on the cache: the first step's loss is the top-K KL of the initial student.
     with torch.no_grad():
         expected = CachedTopKKLLoss()(forward_logits(student, seqs[:, :-1]), cached.targets(seqs[:, :-1])).mean()
-    history = train(student, seqs, TrainConfig(steps=1, micro_batch_size=3, global_batch_size=6), teacher=cached,
+    history = train(student, seqs, TrainConfig(steps=1, micro_batch_size=3, global_batch_size=6), ForwardStep(cached),
                     progress=False)
     assert abs(history[0]["kd_loss"] - expected.item()) < 1e-5
 
@@ -134,12 +136,12 @@ def test_resume_gives_the_same_weights(tiny_arch, single_process, tmp_path):
     cfg = TrainConfig(steps=4, micro_batch_size=2, global_batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1,
                       save_interval=2)
     straight = _copy(tiny_arch, init)
-    full_history = train(straight, seqs, cfg, teacher=teacher, checkpoint_dir=tmp_path, arch=tiny_arch,
+    full_history = train(straight, seqs, cfg, ForwardStep(teacher), checkpoint_dir=tmp_path, arch=tiny_arch,
                          progress=False)
     # Interrupted after step 2: only the step-2 checkpoint exists; a fresh model and optimizer resume from it.
     (tmp_path / "latest").write_text("iter_0000002\n")
     resumed = _copy(tiny_arch, init)
-    history = train(resumed, seqs, cfg, teacher=teacher, checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+    history = train(resumed, seqs, cfg, ForwardStep(teacher), checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for a, b in zip(history, full_history):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and a["lr"] == b["lr"]
@@ -198,7 +200,7 @@ def _parallel_runs(rank, world_size, arch, teacher_full, student_full, seqs, cfg
             (out_dir / "tp2_top_k_kl.json").write_text(json.dumps(top_k_kl.mean().item()))
         if pp > 1:  # LM training here; distillation under PP: tests/test_trainer_pp.py
             teacher = None
-        history = train(student, seqs, cfg, teacher=teacher, progress=False)
+        history = train(student, seqs, cfg, ForwardStep(teacher), progress=False)
         if rank == 0:
             (out_dir / f"{name}.json").write_text(json.dumps(history))
             if name == "dp2":
@@ -215,7 +217,8 @@ def test_tp2_dp2_pp2_equal_single_process(tiny_arch, single_process, tmp_path):
         teacher_logits = forward_logits(_build_from_full(arch, teacher_full), seqs[:, :-1])
         top_k_kl = VocabParallelKDLoss("topk_forward_kl", top_k=8)(forward_logits(student, seqs[:, :-1]),
                                                                    teacher_logits).mean().item()
-    kd_reference = train(student, seqs, cfg, teacher=Teacher(_build_from_full(arch, teacher_full)), progress=False)
+    kd_reference = train(student, seqs, cfg, ForwardStep(Teacher(_build_from_full(arch, teacher_full))),
+                         progress=False)
     lm_reference = train(_build_from_full(arch, student_full), seqs, cfg, progress=False)
     run_distributed(_parallel_runs, 2, arch, teacher_full, student_full, seqs, cfg, tmp_path)
     for name, reference in (("tp2", kd_reference), ("dp2", kd_reference), ("pp2_lm", lm_reference)):

@@ -4,6 +4,7 @@ layer, cached teacher)."""
 import pytest
 import torch
 
+from nemo_minitron.distillation.forward_step import ForwardStep
 from nemo_minitron.distillation.intermediate import IntermediateLoss
 from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import CachedTeacher, Teacher, write_teacher_cache
@@ -21,11 +22,11 @@ def _global_params(model, pp_rank: int) -> dict:
 
 
 def _variants(teacher, cache) -> dict:
-    """train() keyword arguments of each distillation variant: live teacher, fused output layer, cached teacher."""
-    return {"live": dict(teacher=teacher, lm_loss_weight=0.5),
-            "fused": dict(teacher=teacher, lm_loss_weight=0.5, fuse_output_layer=True,
-                          kd_loss=VocabParallelKDLoss(chunk_size=5)),
-            "cached": dict(teacher=CachedTeacher(cache))}
+    """The ForwardStep of each distillation variant: live teacher, fused output layer, cached teacher."""
+    return {"live": ForwardStep(teacher, lm_loss_weight=0.5),
+            "fused": ForwardStep(teacher, VocabParallelKDLoss(chunk_size=5), lm_loss_weight=0.5,
+                                 fuse_output_layer=True),
+            "cached": ForwardStep(CachedTeacher(cache))}
 
 
 def _pp2_runs(rank, world_size, teacher_arch, student_arch, teacher_full, student_full, seqs, cfg, cache, out_dir):
@@ -35,13 +36,13 @@ def _pp2_runs(rank, world_size, teacher_arch, student_arch, teacher_full, studen
     init_distributed(ParallelConfig(pipeline_model_parallel_size=2))
     teacher = Teacher(_build_from_full(teacher_arch, teacher_full, pp_rank=rank))
     results = {}
-    for name, kwargs in _variants(teacher, cache).items():
+    for name, forward_step in _variants(teacher, cache).items():
         student = _build_from_full(student_arch, student_full, pp_rank=rank)
         student.config.deallocate_pipeline_outputs = True  # Megatron's memory saving: the sent outputs are freed
-        history = train(student, seqs, cfg, progress=False, **kwargs)
+        history = train(student, seqs, cfg, forward_step, progress=False)
         results[name] = {"history": history, "params": _global_params(student, rank)}
     with pytest.raises(ValueError, match="pipeline_model_parallel_size=1"):
-        train(student, seqs, cfg, teacher=teacher, intermediate=IntermediateLoss([(0, 0)]), progress=False)
+        train(student, seqs, cfg, ForwardStep(teacher, intermediate=IntermediateLoss([(0, 0)])), progress=False)
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 
@@ -54,9 +55,10 @@ def test_pp2_distillation_equals_pp1(tiny_arch, single_process, tmp_path):
     teacher = Teacher(_build_from_full(teacher_arch, teacher_full))
     cache = write_teacher_cache(teacher, seqs, tmp_path / "teacher.safetensors", top_k=8)
     references = {}
-    for name, kwargs in _variants(teacher, cache).items():
+    for name, forward_step in _variants(teacher, cache).items():
         student = _build_from_full(student_arch, student_full)
-        references[name] = {"history": train(student, seqs, cfg, progress=False, **kwargs), "params": _params(student)}
+        references[name] = {"history": train(student, seqs, cfg, forward_step, progress=False),
+                            "params": _params(student)}
 
     run_distributed(_pp2_runs, 2, teacher_arch, student_arch, teacher_full, student_full, seqs, cfg, cache, tmp_path)
     stages = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]

@@ -7,7 +7,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.models.build import causal_inputs
 from nemo_minitron.runtime.distributed import device
 
 
@@ -16,20 +15,6 @@ def micro_batches(sequences: torch.Tensor, micro_batch_size: int):
     for start in range(0, sequences.shape[0], micro_batch_size):
         chunk = sequences[start:start + micro_batch_size].to(device())
         yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:]}
-
-
-def lm_forward_step(data_iterator, model):
-    """Megatron forward_step_func: per-token cross-entropy on the last stage, summed with its token count."""
-    batch = next(data_iterator)
-    position_ids, mask = causal_inputs(batch["tokens"])
-    output = model(batch["tokens"], position_ids, mask, labels=batch["labels"])
-
-    def loss_func(per_token_loss: torch.Tensor):
-        total = per_token_loss.float().sum()
-        count = torch.tensor(per_token_loss.numel(), device=total.device, dtype=torch.int)
-        return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
-
-    return output, loss_func
 
 
 @torch.no_grad()
@@ -41,6 +26,8 @@ def validation_loss(model, sequences: torch.Tensor, micro_batch_size: int = 4) -
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nemo_minitron.distillation.forward_step import ForwardStep
+
     was_training = model.training
     model.eval()
     n = sequences.shape[0]
@@ -48,7 +35,7 @@ def validation_loss(model, sequences: torch.Tensor, micro_batch_size: int = 4) -
     if n % micro_batch_size:
         raise ValueError(f"eval: {n} sequences are not a multiple of micro_batch_size={micro_batch_size}")
     outputs = get_forward_backward_func()(
-        forward_step_func=lm_forward_step,
+        forward_step_func=ForwardStep(),
         data_iterator=micro_batches(sequences, micro_batch_size),
         model=[model],
         num_microbatches=num_microbatches,

@@ -31,8 +31,9 @@ def _check_sequences(name: str, sequences, micro_batch_size: int, sequence_shard
                          f"tensor_model_parallel_size={sequence_shards} under sequence parallelism")
 
 
-def _validate(model, arch: ModelArch, calibration, validation, micro_batch_size, seq_agg, batch_agg,
-              depth_metrics, block_sizes) -> None:
+def validate_options(model, arch: ModelArch, micro_batch_size, seq_agg, batch_agg, depth_metrics,
+                     block_sizes) -> None:
+    """ValueError naming the field unless the scoring options are valid for ``model`` of ``arch``."""
     if seq_agg not in SEQ_AGGS:
         raise ValueError(f"importance.seq_agg must be one of {SEQ_AGGS}, got {seq_agg!r}")
     if batch_agg not in BATCH_AGGS:
@@ -51,6 +52,10 @@ def _validate(model, arch: ModelArch, calibration, validation, micro_batch_size,
         if getattr(config, field) != getattr(arch, field):
             raise ValueError(f"importance: arch.{field}={getattr(arch, field)} but the model has "
                              f"{getattr(config, field)}")
+
+
+def _validate_sequences(model, calibration, validation, micro_batch_size, depth_metrics, block_sizes) -> None:
+    config = unwrap(model).config
     sequence_shards = config.tensor_model_parallel_size if config.sequence_parallel else 1
     _check_sequences("calibration", calibration, micro_batch_size, sequence_shards)
     if "lm_loss_drop" in depth_metrics or block_sizes:
@@ -75,6 +80,40 @@ def _progress(model, total: int, desc: str):
             handle.remove()
 
 
+class CalibrationHooks(contextlib.ExitStack):
+    """While open, the width statistics and (if asked) Block Influence of ``model`` are collected from whatever
+    forward passes run (this project's calibration pass, or Megatron-Bridge's evaluation loop)."""
+
+    def __init__(self, model, seq_agg: str = "mean", depth_metrics=("block_influence",)):
+        super().__init__()
+        self.width = self.enter_context(WidthCollector(model, seq_agg))
+        self.influence = self.enter_context(BlockInfluence(model)) if "block_influence" in depth_metrics else None
+
+    def scores(self, batch_agg: str = "l2") -> ImportanceScores:
+        """Width scores and Block Influence of the passes so far (collective; equal on every rank)."""
+        scores = ImportanceScores(**self.width.scores(batch_agg))
+        if self.influence is not None:
+            scores.layers["block_influence"] = self.influence.scores()
+        return scores
+
+
+def add_loss_metrics(scores: ImportanceScores, model, validation: torch.Tensor, depth_metrics, block_sizes,
+                     micro_batch_size: int) -> None:
+    """Add the loss-based depth scores: validation loss of ``model`` (meta["validation_loss"]), and with layers
+    skipped: layers["lm_loss_drop"][l] (layer l skipped, minus the baseline) and blocks[k] (the block search)."""
+    if "lm_loss_drop" not in depth_metrics and not block_sizes:
+        return
+    baseline = validation_loss(model, validation, micro_batch_size)
+    scores.meta["validation_loss"] = baseline
+    # lm_loss_drop is the k=1 block search minus the baseline: one pass serves both.
+    for k in sorted(set(block_sizes) | ({1} if "lm_loss_drop" in depth_metrics else set())):
+        losses = block_losses(model, validation, k, micro_batch_size)
+        if k in block_sizes:
+            scores.blocks[k] = losses
+        if k == 1 and "lm_loss_drop" in depth_metrics:
+            scores.layers["lm_loss_drop"] = losses - baseline
+
+
 def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, validation: torch.Tensor | None = None,
                        *, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
                        depth_metrics=("block_influence",), block_sizes=()) -> ImportanceScores:
@@ -92,33 +131,24 @@ def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, valida
     from megatron.core import parallel_state
 
     depth_metrics, block_sizes = tuple(depth_metrics), tuple(block_sizes)
-    _validate(model, arch, calibration, validation, micro_batch_size, seq_agg, batch_agg, depth_metrics,
-              block_sizes)
-    with contextlib.ExitStack() as hooks:
-        width = hooks.enter_context(WidthCollector(model, seq_agg))
-        influence = hooks.enter_context(BlockInfluence(model)) if "block_influence" in depth_metrics else None
-        hooks.enter_context(_progress(model, calibration.shape[0] // micro_batch_size, "importance calibration"))
-        calibration_loss = validation_loss(model, calibration, micro_batch_size)
-    scores = ImportanceScores(**width.scores(batch_agg))
-    if influence is not None:
-        scores.layers["block_influence"] = influence.scores()
+    validate_options(model, arch, micro_batch_size, seq_agg, batch_agg, depth_metrics, block_sizes)
+    _validate_sequences(model, calibration, validation, micro_batch_size, depth_metrics, block_sizes)
+    with CalibrationHooks(model, seq_agg, depth_metrics) as hooks:
+        with _progress(model, calibration.shape[0] // micro_batch_size, "importance calibration"):
+            calibration_loss = validation_loss(model, calibration, micro_batch_size)
+        scores = hooks.scores(batch_agg)
     sequences = torch.tensor([calibration.shape[0]], device=device())
     dist.all_reduce(sequences, group=parallel_state.get_data_parallel_group())
-    scores.meta = {
-        "seq_agg": seq_agg, "batch_agg": batch_agg, "depth_metrics": list(depth_metrics),
-        "block_sizes": list(block_sizes), "micro_batch_size": micro_batch_size,
-        "calibration_sequences": int(sequences.item()),
-        "calibration_seq_length": calibration.shape[1] - 1,
-        "calibration_loss": calibration_loss,
-    }
-    if "lm_loss_drop" in depth_metrics or block_sizes:
-        baseline = validation_loss(model, validation, micro_batch_size)
-        scores.meta["validation_loss"] = baseline
-        # lm_loss_drop is the k=1 block search minus the baseline: one pass serves both.
-        for k in sorted(set(block_sizes) | ({1} if "lm_loss_drop" in depth_metrics else set())):
-            losses = block_losses(model, validation, k, micro_batch_size)
-            if k in block_sizes:
-                scores.blocks[k] = losses
-            if k == 1 and "lm_loss_drop" in depth_metrics:
-                scores.layers["lm_loss_drop"] = losses - baseline
+    scores.meta = score_meta(seq_agg, batch_agg, depth_metrics, block_sizes, micro_batch_size,
+                             int(sequences.item()), calibration.shape[1] - 1, calibration_loss)
+    add_loss_metrics(scores, model, validation, depth_metrics, block_sizes, micro_batch_size)
     return scores
+
+
+def score_meta(seq_agg, batch_agg, depth_metrics, block_sizes, micro_batch_size, calibration_sequences,
+               calibration_seq_length, calibration_loss) -> dict:
+    """The settings and calibration facts saved with the scores."""
+    return {"seq_agg": seq_agg, "batch_agg": batch_agg, "depth_metrics": list(depth_metrics),
+            "block_sizes": list(block_sizes), "micro_batch_size": micro_batch_size,
+            "calibration_sequences": calibration_sequences, "calibration_seq_length": calibration_seq_length,
+            "calibration_loss": calibration_loss}

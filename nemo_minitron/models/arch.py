@@ -100,21 +100,21 @@ def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
                          "the NeMo Framework container); use model.transformer_impl='local' here")
 
 
-def transformer_config(arch: ModelArch, *, transformer_impl: str = "local", fp8: str | None = None,
-                       params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
-    """Megatron-Core TransformerConfig for ``arch`` under the current parallel state.
+def transformer_config_kwargs(arch: ModelArch, *, tensor_model_parallel_size: int,
+                              pipeline_model_parallel_size: int, transformer_impl: str = "local",
+                              fp8: str | None = None, params_dtype: torch.dtype = torch.float32,
+                              sequence_parallel: bool = False) -> dict:
+    """Megatron-Core TransformerConfig fields for ``arch`` under this parallel layout (also the fields of a
+    Megatron-Bridge GPTModelProvider, which is a TransformerConfig).
 
     transformer_impl: "local" (pure Megatron-Core modules, runs on CPU) or "transformer_engine" (GPU, enables FP8).
     fp8: None, "delayed" or "tensorwise" (current scaling); needs transformer_impl="transformer_engine".
     """
-    from megatron.core import parallel_state
-    from megatron.core.transformer import TransformerConfig
-
     check_transformer_impl(transformer_impl, fp8)
-    arch.check_tensor_parallel(parallel_state.get_tensor_model_parallel_world_size())
+    arch.check_tensor_parallel(tensor_model_parallel_size)
     on_gpu = torch.cuda.is_available()
     fp8_kwargs = {} if fp8 is None else dict(fp8="hybrid", fp8_recipe=fp8)
-    return TransformerConfig(
+    return dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -129,8 +129,8 @@ def transformer_config(arch: ModelArch, *, transformer_impl: str = "local", fp8:
         add_qkv_bias=arch.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -145,3 +145,14 @@ def transformer_config(arch: ModelArch, *, transformer_impl: str = "local", fp8:
         transformer_impl=transformer_impl,
         **fp8_kwargs,
     )
+
+
+def transformer_config(arch: ModelArch, **kwargs):
+    """Megatron-Core TransformerConfig for ``arch`` under the current parallel state (``kwargs``: the choices of
+    ``transformer_config_kwargs``)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(
+        arch, tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(), **kwargs))

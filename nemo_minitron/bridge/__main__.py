@@ -1,0 +1,82 @@
+"""`python -m nemo_minitron.bridge STAGE (--recipe FILE | --run DIR) [key=value ...]`: one stage through
+Megatron-Bridge's pretrain() (NeMo's training loop) on a run folder that `minitron prepare` made.
+
+  STAGE   correct-teacher | score | distill
+  key=value  a recipe setting (e.g. distill.steps=20, parallel.tensor_model_parallel_size=2), or a setting of
+             Bridge's ConfigContainer in Bridge's override syntax (e.g. train.eval_iters=4,
+             checkpoint.save_interval=100, logger.tensorboard_dir=/results/tb): keys the recipe does not have go
+             to Bridge.
+
+Under torchrun / srun every rank runs the same command. `minitron prune` / `eval` / `report` read what these
+stages write (scores/, teacher_corrected/, distilled/NAME/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from omegaconf import OmegaConf
+
+STAGE_NAMES = ("correct-teacher", "score", "distill")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(recipe overrides, Bridge overrides): a key goes to the recipe when the recipe has that key."""
+    from nemo_minitron.config import RecipeConfig
+
+    schema = OmegaConf.structured(RecipeConfig)
+    recipe, bridge = [], []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep:
+            raise SystemExit(f"python -m nemo_minitron.bridge: override {item!r} is not of the form key=value")
+        path = key.lstrip("+~")
+        known = OmegaConf.select(schema, path, default="__missing__") != "__missing__" or (
+            path.split(".")[0] == "prune")
+        (recipe if known else bridge).append(item)
+    return recipe, bridge
+
+
+def main(argv=None) -> int:
+    from nemo_minitron.cli import resolve_recipe
+
+    parser = argparse.ArgumentParser(prog="python -m nemo_minitron.bridge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=STAGE_NAMES, metavar="STAGE")
+    parser.add_argument("--recipe", help="recipe YAML file")
+    parser.add_argument("--run", help="existing run folder (its recipe.yaml is used)")
+    parser.add_argument("--dry-run", action="store_true", help="print the Bridge ConfigContainer and exit")
+    parser.add_argument("overrides", nargs="*", help="recipe or Bridge overrides, key=value")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    recipe_overrides, bridge_overrides = split_overrides(args.overrides)
+    args.overrides = recipe_overrides
+    try:
+        recipe = resolve_recipe(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"python -m nemo_minitron.bridge: {err}") from None
+
+    from nemo_minitron.runtime.bridge_shims import bridge_cpu
+
+    with bridge_cpu():
+        from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+
+        from nemo_minitron.bridge.stages import STAGES, launch
+
+        try:
+            run = STAGES[args.command](recipe)
+            if bridge_overrides:
+                process_config_with_overrides(run.config, cli_overrides=bridge_overrides)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"python -m nemo_minitron.bridge {args.command}: {err}") from None
+        if args.dry_run:
+            from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict_config
+
+            print(OmegaConf.to_yaml(create_omegaconf_dict_config(run.config)[0]))
+            return 0
+        launch(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Megatron-Bridge callbacks: importance scores from Bridge's evaluation passes, and the run's loss history."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from nemo_minitron.distillation.intermediate import IntermediateLoss
+from nemo_minitron.importance.score import CalibrationHooks, add_loss_metrics, score_meta, validate_options
+from nemo_minitron.importance.width import unwrap
+from nemo_minitron.models.arch import ModelArch
+from nemo_minitron.models.checkpoint import save_checkpoint
+from nemo_minitron.pruning.apply import CONFIG_FIELDS
+from nemo_minitron.runtime.absent_imports import absent_imports
+from nemo_minitron.runtime.distributed import is_rank0
+
+with absent_imports():
+    from megatron.bridge.training.callbacks import Callback
+
+
+class ImportanceCallback(Callback):
+    """Importance scores of the model Bridge evaluates: the width statistics and Block Influence of ``importance/``
+    are collected during Bridge's evaluation passes over its validation data (the calibration set), the
+    loss-based depth metrics (lm_loss_drop, block_sizes) are computed afterwards on ``validation`` sequences, and
+    the scores are written to ``out_dir`` in the format `minitron prune` reads (ImportanceScores.save). Equal to
+    compute_importance on the same weights and tokens.
+
+    Run it with ``train.skip_train=True`` and ``train.eval_iters`` covering the calibration sequences.
+    """
+
+    def __init__(self, arch: ModelArch, out_dir: str | Path, *, seq_agg: str = "mean", batch_agg: str = "l2",
+                 depth_metrics=("block_influence",), block_sizes=(), validation=None, micro_batch_size: int = 4):
+        self.arch, self.out_dir = arch, Path(out_dir)
+        self.seq_agg, self.batch_agg = seq_agg, batch_agg
+        self.depth_metrics, self.block_sizes = tuple(depth_metrics), tuple(block_sizes)
+        self.validation, self.micro_batch_size = validation, micro_batch_size
+        self.hooks, self.scores = None, None
+
+    def on_eval_start(self, context) -> None:
+        (chunk,) = context.model
+        validate_options(chunk, self.arch, self.micro_batch_size, self.seq_agg, self.batch_agg, self.depth_metrics,
+                         self.block_sizes)
+        self.hooks = CalibrationHooks(unwrap(chunk), self.seq_agg, self.depth_metrics).__enter__()
+
+    def on_eval_end(self, context) -> None:
+        (chunk,) = context.model
+        with self.hooks:
+            scores = self.hooks.scores(self.batch_agg)
+        cfg = context.state.cfg
+        scores.meta = score_meta(self.seq_agg, self.batch_agg, self.depth_metrics, self.block_sizes,
+                                 cfg.train.micro_batch_size, cfg.train.eval_iters * cfg.train.global_batch_size,
+                                 cfg.model.seq_length, float(context.total_loss_dict["lm loss"]))
+        if self.validation is not None:
+            add_loss_metrics(scores, unwrap(chunk), self.validation, self.depth_metrics, self.block_sizes,
+                             self.micro_batch_size)
+        if is_rank0():
+            scores.save(self.out_dir)
+        self.scores = scores
+
+
+class HistoryCallback(Callback):
+    """The loss history of a Bridge run in the project trainer's format: one dict per step with step, lr (the
+    rate the step used), loss (the minimised objective, or the LM loss without a teacher), kd_loss / lm_loss /
+    inter_loss, grad_norm, seconds; val_loss after an evaluation. Written to ``path`` (JSON) at the end."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self.history: list[dict] = []
+        self._lr, self._start = None, None
+
+    def on_train_start(self, context) -> None:
+        if self.path is not None and self.path.is_file():  # resumed: continue the saved history
+            saved = json.loads(self.path.read_text())
+            self.history = [entry for entry in saved if entry["step"] <= context.state.train_state.step]
+
+    def on_train_step_start(self, context) -> None:
+        self._lr, self._start = context.optimizer.param_groups[0]["lr"], time.perf_counter()
+
+    def on_train_step_end(self, context) -> None:
+        losses = {name.replace(" ", "_"): float(value) for name, value in context.loss_dict.items()}
+        loss = losses.pop("objective", None)
+        entry = {"step": context.state.train_state.step + 1, "lr": self._lr,  # Bridge counts after the callbacks
+                 "loss": losses["lm_loss"] if loss is None else loss, **losses,
+                 "grad_norm": None if context.grad_norm is None else float(context.grad_norm),
+                 "seconds": time.perf_counter() - self._start}
+        self.history.append(entry)
+        self._write()
+
+    def on_eval_end(self, context) -> None:
+        if self.history and context.total_loss_dict and "lm loss" in context.total_loss_dict:
+            self.history[-1]["val_loss"] = float(context.total_loss_dict["lm loss"])
+            self._write()
+
+    def _write(self) -> None:
+        if self.path is not None and is_rank0():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.history, indent=1))
+
+
+class SaveCheckpoint(Callback):
+    """At the end of training, save the trained model in the project's checkpoint format (dist_checkpointing +
+    arch.json) to ``out_dir``, so `minitron eval` / `report` and the HF export read it. Its arch is ``arch`` with
+    the sizes the model now has (a student pruned by a pre-wrap hook records them in its config); intermediate-loss
+    projections, which belong to the run, not to the student, are removed first."""
+
+    def __init__(self, arch: ModelArch, out_dir: str | Path):
+        self.arch, self.out_dir = arch, Path(out_dir)
+
+    def on_train_end(self, context) -> None:
+        (chunk,) = context.model
+        model = unwrap(chunk)
+        IntermediateLoss.detach(model)
+        save_checkpoint(model, self.arch.replace(**{name: getattr(model.config, name) for name in CONFIG_FIELDS}),
+                        self.out_dir)

@@ -1,0 +1,42 @@
+"""Packed token sequences as a Megatron-Bridge dataset: Bridge's data loader then reads the training stream in the
+order of the project trainer (data/order.py), so both loops see the same global batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.data.order import SequenceStream
+from nemo_minitron.runtime.absent_imports import absent_imports
+
+with absent_imports():
+    from megatron.bridge.training.config import DatasetProvider
+
+
+@dataclass(kw_only=True)
+class PackedSequences(DatasetProvider):
+    """Train / validation splits saved as int64 tensors [n, seq_length + 1] (``torch.save``), e.g. a run folder's
+    splits/train.pt and splits/validation.pt. The training dataset has as many positions as Bridge will read
+    (train_iters x global batch); validation is read in order."""
+
+    train_path: str
+    validation_path: str | None = None
+    seed: int = 1234
+    seq_length: int = 0  # filled from the tensors; kept so Bridge's data-loader checks can read it
+
+    def build_datasets(self, context):
+        train = _load(self.train_path)
+        self.seq_length = train.shape[1] - 1
+        valid = None
+        if self.validation_path is not None and context.valid_samples > 0:
+            sequences = _load(self.validation_path)
+            valid = SequenceStream(sequences, min(context.valid_samples, sequences.shape[0]), shuffle=False)
+        return SequenceStream(train, context.train_samples, self.seed), valid, None
+
+
+def _load(path: str) -> torch.Tensor:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"dataset: {path} not found (packed sequences written by `minitron prepare`)")
+    return torch.load(path, weights_only=True)

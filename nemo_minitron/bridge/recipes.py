@@ -1,0 +1,193 @@
+"""Recipes as Megatron-Bridge ConfigContainers.
+
+``container`` is the one translation of a training stage's settings (TrainStageConfig: steps, batch sizes, LR
+schedule, weight decay, clipping) into Bridge's configs; the stage builders wire it to a run folder made by
+`minitron prepare` / `minitron score`:
+
+  correct_run(recipe)   LM fine-tune of the teacher (teacher correction)
+  distill_run(recipe)   the student built as the teacher, pruned in place by a pre-wrap hook, distilled from the
+                        teacher with the project's ForwardStep
+  score_run(recipe)     Bridge's evaluation pass over the calibration split with the ImportanceCallback
+
+On a GPU the container runs bf16 mixed precision with fp32 master weights, the distributed optimizer and
+overlapped grad-reduce / param-gather; on a CPU, fp32 on gloo. Bridge-side settings can then be changed with
+Bridge's own override syntax (``process_config_with_overrides``, e.g. ``train.train_iters=20``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from nemo_minitron.bridge.callbacks import HistoryCallback, ImportanceCallback, SaveCheckpoint
+from nemo_minitron.bridge.data import PackedSequences
+from nemo_minitron.bridge.model import (ApplyPlan, AttachProjections, LoadWeights, TeacherFromCheckpoint,
+                                         checkpoint_arch, gpt_provider)
+from nemo_minitron.config import RecipeConfig, TrainStageConfig
+from nemo_minitron.data.packing import indexed_dataset_prefix
+from nemo_minitron.distillation.forward_step import ForwardStep
+from nemo_minitron.pipeline import RunDir, _build_kwargs
+from nemo_minitron.runtime.absent_imports import absent_imports
+
+with absent_imports():
+    from megatron.bridge.training import config as bridge_config
+    from megatron.bridge.training.tokenizers.config import TokenizerConfig
+
+
+class BridgeRun(NamedTuple):
+    """What ``pretrain(config, forward_step, callbacks)`` needs for one stage."""
+
+    config: object  # ConfigContainer
+    forward_step: ForwardStep
+    callbacks: list
+
+
+def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_dir: str | Path | None = None,
+              eval_iters: int = 0, skip_train: bool = False, tokenizer=None):
+    """ConfigContainer training ``model`` (a GPTModelProvider) on ``dataset`` with ``train``'s settings: Adam
+    (beta 0.9 / 0.95), linear warmup from 0 then cosine decay to min_lr over the run, constant weight decay,
+    gradient clipping; per-token loss normalisation. checkpoint_dir: Bridge checkpoints every
+    train.save_interval steps (0: at the end) and resume from there. eval_iters: validation batches per
+    evaluation (every train.eval_interval steps, 0: at the end only)."""
+    gpu = torch.cuda.is_available()
+    precision = dict(bf16=True, params_dtype=torch.bfloat16) if gpu else dict(bf16=False, params_dtype=torch.float32)
+    checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+    return bridge_config.ConfigContainer(
+        train=bridge_config.TrainingConfig(
+            train_iters=train.steps, micro_batch_size=train.micro_batch_size,
+            global_batch_size=train.global_batch_size, eval_iters=eval_iters, skip_train=skip_train,
+            eval_interval=train.eval_interval or train.steps),
+        model=model,
+        optimizer=bridge_config.OptimizerConfig(
+            optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+            clip_grad=train.clip_grad, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, fp16=False,
+            use_distributed_optimizer=gpu, **precision),
+        scheduler=bridge_config.SchedulerConfig(
+            lr_decay_style="cosine", lr_warmup_iters=train.warmup_steps, lr_decay_iters=train.steps,
+            lr_warmup_init=0.0, start_weight_decay=train.weight_decay, end_weight_decay=train.weight_decay,
+            weight_decay_incr_style="constant"),
+        ddp=bridge_config.DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=gpu, overlap_grad_reduce=gpu,
+            overlap_param_gather=gpu),
+        dataset=dataset,
+        logger=bridge_config.LoggerConfig(log_interval=1),
+        tokenizer=tokenizer or TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=model.vocab_size),
+        checkpoint=bridge_config.CheckpointConfig(
+            save=checkpoint_dir, load=checkpoint_dir, save_interval=train.save_interval or train.steps,
+            ckpt_format="torch_dist"),
+        dist=bridge_config.DistributedInitConfig(distributed_backend="nccl" if gpu else "gloo"),
+        rng=bridge_config.RNGConfig(seed=seed),
+        mixed_precision="bf16_mixed" if gpu else None,
+    )
+
+
+def _provider(recipe: RecipeConfig, arch, local: bool = False):
+    """The GPTModelProvider of ``arch`` for the recipe's layout (``local``: the local layer spec, which scoring
+    hooks)."""
+    p = recipe.parallel
+    return gpt_provider(arch, seq_length=recipe.data.seq_length, tensor_model_parallel_size=p.tensor_model_parallel_size,
+                        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+                        params_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                        **_build_kwargs(recipe, local))
+
+
+def _dataset(recipe: RecipeConfig, run):
+    """The run folder's packed splits, or (data.source an indexed dataset PREFIX) Bridge's GPTDatasetConfig over
+    it, tokenised with the teacher's Hugging Face tokenizer."""
+    prefix = indexed_dataset_prefix(recipe.data.source)
+    if prefix is None:
+        return PackedSequences(train_path=str(run.data / "train.pt"),
+                               validation_path=str(run.data / "validation.pt"), seed=recipe.data.seed,
+                               num_workers=0, pin_memory=torch.cuda.is_available(), dataloader_type="single"), None
+    dataset = bridge_config.GPTDatasetConfig(
+        random_seed=recipe.data.seed, seq_length=recipe.data.seq_length, blend=[[prefix], None], split="99,1,0",
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, num_workers=2,
+        dataloader_type="single")
+    return dataset, TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(run.tokenizer))
+
+
+def correct_run(recipe: RecipeConfig) -> BridgeRun:
+    """Teacher correction through Bridge: the teacher, loaded from the run folder, fine-tuned with the LM loss;
+    the result is saved to the run folder's teacher_corrected/ (the project's checkpoint format)."""
+
+    run = RunDir(recipe.run_dir)
+    teacher_dir = run.require(run.teacher, "prepare")
+    arch = checkpoint_arch(teacher_dir)
+    model = _provider(recipe, arch)
+    model.register_pre_wrap_hook(LoadWeights(teacher_dir))
+    dataset, tokenizer = _dataset(recipe, run)
+    out = run.teacher_corrected
+    config = container(model, dataset, recipe.correct, seed=recipe.data.seed, checkpoint_dir=out / "bridge_state",
+                       eval_iters=_eval_iters(recipe, recipe.correct), tokenizer=tokenizer)
+    return BridgeRun(config, ForwardStep(), [HistoryCallback(out / "history.json"), SaveCheckpoint(arch, out)])
+
+
+def distill_run(recipe: RecipeConfig) -> BridgeRun:
+    """Distillation through Bridge: the student is built as the (corrected) teacher, loaded from it and pruned in
+    place by pre-wrap hooks (the plan made from the run's scores and the target distill.student), then distilled
+    from the teacher (loaded by a third hook, same parallel layout) with the project's ForwardStep. The student
+    is saved to the run folder's distilled/NAME/ (the project's checkpoint format)."""
+    from nemo_minitron.distillation.intermediate import IntermediateLoss
+    from nemo_minitron.distillation.losses import VocabParallelKDLoss
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    run = RunDir(recipe.run_dir)
+    d = recipe.distill
+    teacher_dir = run.active_teacher()
+    arch = checkpoint_arch(teacher_dir)
+    if d.student not in recipe.prune:
+        raise ValueError(f"distill.student: {d.student!r} is not a prune target; allowed: {sorted(recipe.prune)}")
+    scores = ImportanceScores.load(run.require(run.scores, "score"))
+    model = _provider(recipe, arch)
+    prune = ApplyPlan(arch, scores, recipe.prune[d.student])
+    teacher = TeacherFromCheckpoint(teacher_dir, params_dtype=model.params_dtype, **_build_kwargs(recipe))
+    intermediate = None
+    if d.intermediate_pairs:
+        intermediate = IntermediateLoss(d.intermediate_pairs, kind=d.intermediate_loss, weight=d.intermediate_weight,
+                                        balance=d.balance_losses)
+    hooks = [LoadWeights(teacher_dir), prune, teacher]
+    if intermediate is not None:
+        hooks.append(AttachProjections(intermediate, teacher, seed=recipe.data.seed))
+    for hook in hooks:
+        model.register_pre_wrap_hook(hook)
+    dataset, tokenizer = _dataset(recipe, run)
+    out = run.distilled(d.student)
+    config = container(model, dataset, d, seed=recipe.data.seed, checkpoint_dir=out / "bridge_state",
+                       eval_iters=_eval_iters(recipe, d), tokenizer=tokenizer)
+    loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k, chunk_size=d.chunk_size)
+    forward_step = ForwardStep(teacher, loss, lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
+                               fuse_output_layer=d.fuse_output_layer)
+    return BridgeRun(config, forward_step, [HistoryCallback(out / "history.json"), SaveCheckpoint(arch, out)])
+
+
+def score_run(recipe: RecipeConfig) -> BridgeRun:
+    """Importance scoring through Bridge: an evaluation-only run over the calibration split whose passes feed the
+    ImportanceCallback; the loss-based depth metrics use score.num_validation validation sequences. Writes the
+    run folder's scores/ (what `minitron prune` reads)."""
+
+    run = RunDir(recipe.run_dir)
+    s = recipe.score
+    teacher_dir = run.active_teacher()
+    arch = checkpoint_arch(teacher_dir)
+    model = _provider(recipe, arch, local=True)
+    model.register_pre_wrap_hook(LoadWeights(teacher_dir))
+    calibration = run.split("calibration")
+    dataset = PackedSequences(train_path=str(run.data / "calibration.pt"),
+                              validation_path=str(run.data / "calibration.pt"), seed=recipe.data.seed,
+                              num_workers=0, pin_memory=torch.cuda.is_available(), dataloader_type="single")
+    batches = TrainStageConfig(steps=1, micro_batch_size=s.micro_batch_size, global_batch_size=s.micro_batch_size,
+                               warmup_steps=0)
+    config = container(model, dataset, batches, seed=recipe.data.seed,
+                       eval_iters=calibration.shape[0] // s.micro_batch_size, skip_train=True)
+    callback = ImportanceCallback(arch, run.scores, seq_agg=s.seq_agg, batch_agg=s.batch_agg,
+                                  depth_metrics=s.depth_metrics, block_sizes=s.block_sizes,
+                                  validation=run.split("validation")[:s.num_validation],
+                                  micro_batch_size=s.micro_batch_size)
+    return BridgeRun(config, ForwardStep(), [callback])
+
+
+def _eval_iters(recipe: RecipeConfig, train: TrainStageConfig) -> int:
+    """Validation batches per evaluation: the whole validation split (data.num_validation sequences)."""
+    return max(recipe.data.num_validation // train.global_batch_size, 1)

@@ -1,0 +1,229 @@
+"""nemo_minitron.bridge against the project's own engines, through Megatron-Bridge's real pretrain() on gloo."""
+
+import builtins
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from nemo_minitron.models.arch import ModelArch
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is None,
+                                reason="megatron-bridge is not installed")
+
+TEACHER = ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+                    vocab_size=128, kv_channels=16, max_position_embeddings=64)
+STUDENT = TEACHER.replace(hidden_size=48, ffn_hidden_size=64)
+HISTORY_KEYS = ("lr", "loss", "kd_loss", "lm_loss", "inter_loss", "grad_norm")
+
+
+def _sequences(n, seed=0):
+    return torch.randint(0, TEACHER.vocab_size, (n, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def _save_models(tmp, sp):
+    """Teacher and student checkpoints (rank-collective), and the training sequences."""
+    from nemo_minitron.models.build import build_gpt_model
+    from nemo_minitron.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(build_gpt_model(TEACHER, sequence_parallel=sp), TEACHER, f"{tmp}/teacher")
+    torch.manual_seed(1)
+    save_checkpoint(build_gpt_model(STUDENT, sequence_parallel=sp), STUDENT, f"{tmp}/student")
+    torch.save(_sequences(24), f"{tmp}/train.pt")
+
+
+def _forward_step(variant, teacher):
+    from nemo_minitron.distillation.forward_step import ForwardStep
+    from nemo_minitron.distillation.intermediate import IntermediateLoss
+
+    if variant == "intermediate":
+        return ForwardStep(teacher, lm_loss_weight=0.5, intermediate=IntermediateLoss([(0, 1), (1, 1)], kind="mse"))
+    return ForwardStep(teacher, lm_loss_weight=0.5, fuse_output_layer=variant == "fused")
+
+
+def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=None, exit_interval=None):
+    """A Bridge KD run of the saved student from the saved teacher; returns (history, final student weights)."""
+    from nemo_minitron.bridge.callbacks import HistoryCallback
+    from nemo_minitron.bridge.data import PackedSequences
+    from nemo_minitron.bridge.model import AttachProjections, LoadWeights, TeacherFromCheckpoint, gpt_provider
+    from nemo_minitron.bridge.recipes import BridgeRun, container
+    from nemo_minitron.bridge.stages import launch
+
+    model = gpt_provider(STUDENT, seq_length=16, tensor_model_parallel_size=tp, sequence_parallel=sp)
+    teacher = TeacherFromCheckpoint(f"{tmp}/teacher", sequence_parallel=sp)
+    forward_step = _forward_step(variant, teacher)
+    hooks = [LoadWeights(f"{tmp}/student"), teacher]
+    if forward_step.intermediate is not None:
+        hooks.append(AttachProjections(forward_step.intermediate, teacher, seed=7))
+    for hook in hooks:
+        model.register_pre_wrap_hook(hook)
+    dataset = PackedSequences(train_path=f"{tmp}/train.pt", seed=7, num_workers=0, pin_memory=False,
+                              dataloader_type="single")
+    config = container(model, dataset, stage, seed=1234, checkpoint_dir=checkpoint_dir)
+    config.train.exit_interval = exit_interval
+    history = HistoryCallback(history_path)
+    weights = {}
+
+    from megatron.bridge.training.callbacks import Callback
+
+    class KeepWeights(Callback):
+        def on_train_end(self, context):
+            weights.update({k: v.detach().clone() for k, v in context.model[0].module.named_parameters()
+                            if not k.startswith("kd_projections.")})  # the run's, not the student's
+
+    launch(BridgeRun(config, forward_step, [history, KeepWeights()]))
+    assert config.model.sequence_parallel == sp and config.model.tensor_model_parallel_size == tp
+    return history.history, weights
+
+
+def _assert_same_history(actual, expected, rtol=1e-5):
+    assert [e["step"] for e in actual] == [e["step"] for e in expected]
+    for a, e in zip(actual, expected):
+        for key in HISTORY_KEYS:
+            if key in e:
+                assert a[key] == pytest.approx(e[key], rel=rtol, abs=1e-9), (a["step"], key, a[key], e[key])
+
+
+def _kd_equals_trainer(rank, world_size, tmp, sp, variant):
+    from nemo_minitron.config import TrainStageConfig
+    from nemo_minitron.distillation.teacher import Teacher
+    from nemo_minitron.distillation.trainer import train
+    from nemo_minitron.models.checkpoint import load_checkpoint
+    from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=world_size, sequence_parallel=sp), seed=1234)
+    _save_models(tmp, sp)
+    stage = TrainStageConfig(steps=4, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4,
+                             warmup_steps=1, weight_decay=0.01)
+    student, _ = load_checkpoint(f"{tmp}/student", sequence_parallel=sp)
+    teacher, _ = load_checkpoint(f"{tmp}/teacher", sequence_parallel=sp)
+    forward_step = _forward_step(variant, Teacher(teacher))
+    expected = train(student, _sequences(24), stage.train_config(seed=7), forward_step, progress=False)
+    if forward_step.intermediate is not None:
+        assert expected[-1]["inter_loss"] > 0
+    expected_weights = {k: v.detach().clone() for k, v in student.named_parameters()}
+    history, weights = _bridge_kd(tmp, world_size, sp, variant, stage)  # Bridge re-initialises the groups
+    _assert_same_history(history, expected)
+    assert weights.keys() == expected_weights.keys()
+    for name, value in expected_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tp,sp,variant", [(1, False, "intermediate"), (2, False, "fused"), (2, True, "logits")],
+                         ids=["tp1-intermediate", "tp2-fused", "tp2-sp"])
+def test_bridge_kd_equals_trainer(tmp_path, tp, sp, variant):
+    """Bridge's pretrain() with ForwardStep reproduces the project trainer's loss history and final weights."""
+    run_distributed(_kd_equals_trainer, tp, str(tmp_path), sp, variant, timeout=600)
+
+
+def _resume(rank, world_size, tmp):
+    from nemo_minitron.config import TrainStageConfig
+    from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(), seed=1234)
+    _save_models(tmp, False)
+    stage = TrainStageConfig(steps=4, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4,
+                             warmup_steps=1, save_interval=2)
+    straight, straight_weights = _bridge_kd(tmp, 1, False, "logits", stage, checkpoint_dir=f"{tmp}/straight")
+    init_distributed(ParallelConfig(), seed=1234)
+    path = f"{tmp}/history.json"
+    first, _ = _bridge_kd(tmp, 1, False, "logits", stage, checkpoint_dir=f"{tmp}/stopped", history_path=path,
+                          exit_interval=2)
+    assert [e["step"] for e in first] == [1, 2]
+    init_distributed(ParallelConfig(), seed=1234)
+    resumed, weights = _bridge_kd(tmp, 1, False, "logits", stage, checkpoint_dir=f"{tmp}/stopped",
+                                  history_path=path)
+    _assert_same_history(resumed, straight)
+    assert json.loads(open(path).read()) == resumed
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bridge_resume_continues_the_loss_history(tmp_path):
+    """A Bridge KD run stopped after 2 of 4 steps and started again equals the uninterrupted run."""
+    run_distributed(_resume, 1, str(tmp_path), timeout=600)
+
+
+def _importance_equals_engine(rank, world_size, tmp):
+    from nemo_minitron.bridge.callbacks import ImportanceCallback
+    from nemo_minitron.bridge.data import PackedSequences
+    from nemo_minitron.bridge.model import LoadWeights, gpt_provider
+    from nemo_minitron.bridge.recipes import BridgeRun, container
+    from nemo_minitron.bridge.stages import launch
+    from nemo_minitron.config import TrainStageConfig
+    from nemo_minitron.distillation.forward_step import ForwardStep
+    from nemo_minitron.importance.score import compute_importance
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.models.checkpoint import load_checkpoint
+    from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=world_size), seed=1234)
+    _save_models(tmp, False)
+    calibration, validation = _sequences(8, seed=1), _sequences(4, seed=2)
+    torch.save(calibration, f"{tmp}/calibration.pt")
+    options = dict(seq_agg="var", batch_agg="mean", depth_metrics=("block_influence", "lm_loss_drop"),
+                   block_sizes=(1,))
+    teacher, _ = load_checkpoint(f"{tmp}/teacher")
+    expected = compute_importance(teacher, TEACHER, calibration, validation, micro_batch_size=2, **options)
+
+    model = gpt_provider(TEACHER, seq_length=16, tensor_model_parallel_size=world_size)
+    model.register_pre_wrap_hook(LoadWeights(f"{tmp}/teacher"))
+    dataset = PackedSequences(train_path=f"{tmp}/calibration.pt", validation_path=f"{tmp}/calibration.pt",
+                              num_workers=0, pin_memory=False, dataloader_type="single")
+    batches = TrainStageConfig(steps=1, micro_batch_size=2, global_batch_size=2, warmup_steps=0)
+    config = container(model, dataset, batches, seed=1234, eval_iters=4, skip_train=True)
+    callback = ImportanceCallback(TEACHER, f"{tmp}/scores", validation=validation, micro_batch_size=2, **options)
+    launch(BridgeRun(config, ForwardStep(), [callback]))
+    if rank == 0:
+        saved = ImportanceScores.load(f"{tmp}/scores")
+        for actual in (callback.scores, saved):
+            for axis in ("hidden", "ffn", "heads", "groups"):
+                torch.testing.assert_close(getattr(actual, axis), getattr(expected, axis), rtol=1e-5, atol=0)
+            for metric, values in expected.layers.items():
+                torch.testing.assert_close(actual.layers[metric], values, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(actual.blocks[1], expected.blocks[1], rtol=1e-5, atol=0)
+            assert actual.meta["calibration_loss"] == pytest.approx(expected.meta["calibration_loss"], rel=1e-5)
+            assert actual.meta["calibration_sequences"] == expected.meta["calibration_sequences"] == 8
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_importance_callback_equals_compute_importance(tmp_path, tp):
+    """Scores collected in Bridge's evaluation loop equal importance/'s, on the same weights and tokens."""
+    run_distributed(_importance_equals_engine, tp, str(tmp_path), timeout=600)
+
+
+def test_absent_imports_serve_only_the_named_importers():
+    from nemo_minitron.runtime.absent_imports import absent_imports
+
+    code = "import transformer_engine.pytorch as te\nclass Adapter(te.Linear):\n    pass\n"
+    real_import = builtins.__import__
+    with absent_imports():
+        namespace = {"__name__": "megatron.bridge.peft.lora"}
+        exec(code, namespace)
+        with pytest.raises(RuntimeError, match="transformer_engine"):
+            namespace["Adapter"]()
+        with pytest.raises(ImportError):
+            exec(code, {"__name__": "megatron.core.tensor_parallel.layers"})
+    assert builtins.__import__ is real_import
+    with pytest.raises(ImportError):
+        exec(code, {"__name__": "megatron.bridge.peft.lora"})
+
+
+def test_bridge_shims_are_undone_after_the_run():
+    from nemo_minitron.runtime.bridge_shims import _CUDA_FACTORY_MODULES, bridge_cpu
+
+    with bridge_cpu():
+        pass  # the first entry imports Bridge
+    watched = {"import": lambda: builtins.__import__, "Stream": lambda: torch.cuda.Stream,
+               "barrier": lambda: torch.distributed.barrier, "memory": lambda: torch.cuda.max_memory_allocated,
+               "setup.initialize_megatron": lambda: importlib.import_module(
+                   "megatron.bridge.training.setup").initialize_megatron,
+               **{f"{m}.torch": (lambda m=m: importlib.import_module(m).torch) for m in _CUDA_FACTORY_MODULES}}
+    before = {name: get() for name, get in watched.items()}
+    with bridge_cpu():
+        changed = [name for name, get in watched.items() if get() is not before[name]]
+    assert not torch.cuda.is_available() and sorted(changed) == sorted(watched)
+    assert {name: get() for name, get in watched.items()} == before
