@@ -119,32 +119,39 @@ def test_bridge_kd_equals_trainer(tmp_path, tp, sp, variant):
     run_distributed(_kd_equals_trainer, tp, str(tmp_path), sp, variant, timeout=600)
 
 
-def _resume(rank, world_size, tmp):
+def _resume(rank, world_size, tmp, phase):
+    """phase "straight": 4 steps in one run; "stop": the same run ended by Bridge's exit_interval after step 2
+    (Bridge saves, then exits the process); "resume": started again on the stopped run's checkpoint."""
     from nemo_minitron.config import TrainStageConfig
     from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(), seed=1234)
-    _save_models(tmp, False)
+    if phase == "straight":
+        _save_models(tmp, False)
     stage = TrainStageConfig(steps=4, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4,
-                             warmup_steps=1, save_interval=2)
-    straight, straight_weights = _bridge_kd(tmp, 1, False, "logits", stage, checkpoint_dir=f"{tmp}/straight")
-    init_distributed(ParallelConfig(), seed=1234)
-    path = f"{tmp}/history.json"
-    first, _ = _bridge_kd(tmp, 1, False, "logits", stage, checkpoint_dir=f"{tmp}/stopped", history_path=path,
-                          exit_interval=2)
-    assert [e["step"] for e in first] == [1, 2]
-    init_distributed(ParallelConfig(), seed=1234)
-    resumed, weights = _bridge_kd(tmp, 1, False, "logits", stage, checkpoint_dir=f"{tmp}/stopped",
-                                  history_path=path)
-    _assert_same_history(resumed, straight)
-    assert json.loads(open(path).read()) == resumed
-    for name, value in straight_weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+                             warmup_steps=1, save_interval=3)
+    run = "straight" if phase == "straight" else "stopped"
+    try:
+        history, weights = _bridge_kd(tmp, 1, False, "logits", stage, checkpoint_dir=f"{tmp}/{run}",
+                                      history_path=f"{tmp}/{run}.json", exit_interval=2 if phase == "stop" else None)
+    except SystemExit as stop:
+        assert phase == "stop" and stop.code == 0
+        return
+    torch.save(weights, f"{tmp}/{run}_weights.pt")
 
 
 def test_bridge_resume_continues_the_loss_history(tmp_path):
-    """A Bridge KD run stopped after 2 of 4 steps and started again equals the uninterrupted run."""
-    run_distributed(_resume, 1, str(tmp_path), timeout=600)
+    """A Bridge KD run stopped after 2 of 4 steps and started again equals the uninterrupted run: loss history
+    (continued in the same history file) and final weights."""
+    for phase in ("straight", "stop", "resume"):
+        run_distributed(_resume, 1, str(tmp_path), phase, timeout=600)
+        if phase == "stop":
+            assert [e["step"] for e in json.loads((tmp_path / "stopped.json").read_text())] == [1, 2]
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    _assert_same_history(json.loads((tmp_path / "stopped.json").read_text()), straight)
+    expected, weights = torch.load(tmp_path / "straight_weights.pt"), torch.load(tmp_path / "stopped_weights.pt")
+    for name, value in expected.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _importance_equals_engine(rank, world_size, tmp):

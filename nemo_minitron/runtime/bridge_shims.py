@@ -8,12 +8,14 @@ line of the one place Bridge assumes CUDA:
    flags, the training loop's loss reports, the evaluator, checkpointing) see a ``torch`` whose factories create them on the CPU;
 3. ``torch.cuda`` calls the loop makes for memory reports and streams are harmless (``memory_allocated`` and
    ``max_memory_allocated`` return 0, ``reset_peak_memory_stats`` / ``empty_cache`` do nothing, ``Stream()`` and
-   ``current_stream()`` are a stream whose ``wait_stream`` does nothing, ``stream(s)`` is a null context);
+   ``current_stream()`` are a stream whose ``wait_stream`` does nothing, ``stream(s)`` is a null context, the CUDA
+   RNG state that checkpoints save is empty and restoring it does nothing);
 4. ``torch.distributed.barrier(device_ids=...)`` drops the NCCL-only ``device_ids`` argument under gloo;
 5. ``compile_helpers`` (``make`` in Megatron-Core's source tree, absent from its wheel) is skipped: the wheel ships
    the compiled dataset helpers;
 6. ``set_jit_fusion_options`` (which warms up fused kernels on a CUDA device) is skipped;
-7. the model is built with ``use_cpu_initialization=True`` (Bridge's ``get_model`` otherwise moves it to CUDA).
+7. the model is built with ``use_cpu_initialization=True`` (Bridge's ``get_model`` otherwise moves it to CUDA);
+8. ``Tensor.cuda()`` returns the tensor itself (the evaluator's loss accumulators).
 """
 
 from __future__ import annotations
@@ -94,8 +96,11 @@ def bridge_cpu():
                             ("reset_peak_memory_stats", lambda *a, **k: None),
                             ("empty_cache", lambda *a, **k: None), ("Stream", lambda *a, **k: _NoStream()),
                             ("current_stream", lambda *a, **k: _NoStream()),
-                            ("stream", lambda *a, **k: contextlib.nullcontext())):
+                            ("stream", lambda *a, **k: contextlib.nullcontext()),
+                            ("get_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
+                            ("set_rng_state", lambda *a, **k: None)):
             stack.enter_context(patched(torch.cuda, name, value))
+        stack.enter_context(patched(torch.Tensor, "cuda", lambda self, *args, **kwargs: self))
         stack.enter_context(patched(torch.distributed, "barrier",
                                     _barrier_without_device_ids(torch.distributed.barrier)))
         yield
