@@ -234,3 +234,71 @@ def test_bridge_shims_are_undone_after_the_run():
         changed = [name for name, get in watched.items() if get() is not before[name]]
     assert not torch.cuda.is_available() and sorted(changed) == sorted(watched)
     assert {name: get() for name, get in watched.items()} == before
+
+
+def bridge(*args, timeout=900):
+    """`python -m nemo_minitron.bridge ARGS` in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_pipeline import REPO
+
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "nemo_minitron.bridge", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"bridge {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def _state(path):
+    from nemo_minitron.runtime.distributed import ParallelConfig, destroy_distributed, init_distributed
+
+    from nemo_minitron.models.checkpoint import load_checkpoint
+
+    init_distributed(ParallelConfig())
+    try:
+        model, arch = load_checkpoint(path)
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}, arch
+    finally:
+        destroy_distributed()
+
+
+def test_bridge_stages_equal_the_minitron_stages(tiny_hf_run_inputs, tmp_path):
+    """From one prepared run folder: `minitron correct-teacher / score / prune / distill` and the Bridge stages
+    (correct-teacher, score with the ImportanceCallback, distill with the prune hook) give the same corrected
+    teacher, the same scores, and the same distilled student (weights, loss history, validation losses)."""
+    import shutil
+
+    from nemo_minitron.importance.scores import ImportanceScores
+    from tests.test_pipeline import REPO, minitron, tiny_overrides
+
+    prepared = tmp_path / "prepared"
+    minitron("prepare", "--recipe", str(REPO / "recipes" / "demo.yaml"),
+             *tiny_overrides(tiny_hf_run_inputs, prepared))
+    project, bridged = tmp_path / "project", tmp_path / "bridge"
+    shutil.copytree(prepared, project)
+    shutil.copytree(prepared, bridged)
+    for stage in ("correct-teacher", "score", "prune", "distill"):
+        minitron(stage, "--run", str(project), f"run_dir={project}")
+    for stage in ("correct-teacher", "score", "distill"):
+        bridge(stage, "--run", str(bridged), f"run_dir={bridged}")
+
+    for name in ("teacher_corrected", "distilled/width"):
+        (expected, expected_arch), (actual, actual_arch) = _state(project / name), _state(bridged / name)
+        assert actual_arch == expected_arch and actual.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(actual[key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    assert _state(bridged / "distilled/width")[1].hidden_size == 48
+    expected, actual = ImportanceScores.load(project / "scores"), ImportanceScores.load(bridged / "scores")
+    for axis in ("hidden", "ffn", "heads", "groups"):
+        torch.testing.assert_close(getattr(actual, axis), getattr(expected, axis), rtol=1e-5, atol=0)
+    torch.testing.assert_close(actual.blocks[2], expected.blocks[2], rtol=1e-5, atol=0)
+    for name in ("teacher_corrected", "distilled/width"):
+        expected = json.loads((project / name / "history.json").read_text())
+        actual = json.loads((bridged / name / "history.json").read_text())
+        _assert_same_history(actual, expected, rtol=1e-4)
+        validations = [(e["step"], e["val_loss"]) for e in expected if "val_loss" in e]
+        assert validations and [(e["step"], pytest.approx(e["val_loss"], rel=1e-4)) for e in actual
+                                if "val_loss" in e] == validations
+    assert (bridged / "distilled" / "width" / "hf" / "config.json").exists()

@@ -102,14 +102,26 @@ class SaveCheckpoint(Callback):
     """At the end of training, save the trained model in the project's checkpoint format (dist_checkpointing +
     arch.json) to ``out_dir``, so `minitron eval` / `report` and the HF export read it. Its arch is ``arch`` with
     the sizes the model now has (a student pruned by a pre-wrap hook records them in its config); intermediate-loss
-    projections, which belong to the run, not to the student, are removed first."""
+    projections, which belong to the run, not to the student, are removed first. export_hf: also a Hugging Face
+    checkpoint in out_dir/hf (with the tokenizer saved at ``hf_tokenizer``, if any)."""
 
-    def __init__(self, arch: ModelArch, out_dir: str | Path):
-        self.arch, self.out_dir = arch, Path(out_dir)
+    def __init__(self, arch: ModelArch, out_dir: str | Path, hf_tokenizer: str | Path | None = None,
+                 export_hf: bool = False):
+        self.arch, self.out_dir, self.export_hf = arch, Path(out_dir), export_hf
+        self.hf_tokenizer = Path(hf_tokenizer) if hf_tokenizer is not None else None
 
     def on_train_end(self, context) -> None:
+        from nemo_minitron.models.hf_convert import save_hf_checkpoint
+
         (chunk,) = context.model
         model = unwrap(chunk)
         IntermediateLoss.detach(model)
-        save_checkpoint(model, self.arch.replace(**{name: getattr(model.config, name) for name in CONFIG_FIELDS}),
-                        self.out_dir)
+        arch = self.arch.replace(**{name: getattr(model.config, name) for name in CONFIG_FIELDS})
+        save_checkpoint(model, arch, self.out_dir)
+        if self.export_hf:  # as `minitron distill` does: out_dir/hf, with the run's tokenizer when there is one
+            tokenizer = None
+            if self.hf_tokenizer is not None and self.hf_tokenizer.exists():
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(self.hf_tokenizer)
+            save_hf_checkpoint(model, arch, self.out_dir / "hf", tokenizer=tokenizer)

@@ -19,7 +19,8 @@ with absent_imports():
 class PackedSequences(DatasetProvider):
     """Train / validation splits saved as int64 tensors [n, seq_length + 1] (``torch.save``), e.g. a run folder's
     splits/train.pt and splits/validation.pt. The training dataset has as many positions as Bridge will read
-    (train_iters x global batch); validation is read in order."""
+    (train_iters x global batch); validation is read in order, from the first sequence again at each
+    evaluation when train.eval_iters x global batch = the number of validation sequences."""
 
     train_path: str
     validation_path: str | None = None
@@ -31,8 +32,7 @@ class PackedSequences(DatasetProvider):
         self.seq_length = train.shape[1] - 1
         valid = None
         if self.validation_path is not None and context.valid_samples > 0:
-            sequences = _load(self.validation_path)
-            valid = SequenceStream(sequences, min(context.valid_samples, sequences.shape[0]), shuffle=False)
+            valid = SequenceStream(_load(self.validation_path), context.valid_samples, shuffle=False)
         return SequenceStream(train, context.train_samples, self.seed), valid, None
 
 

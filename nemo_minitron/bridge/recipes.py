@@ -159,7 +159,8 @@ def distill_run(recipe: RecipeConfig) -> BridgeRun:
     loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k, chunk_size=d.chunk_size)
     forward_step = ForwardStep(teacher, loss, lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
                                fuse_output_layer=d.fuse_output_layer)
-    return BridgeRun(config, forward_step, [HistoryCallback(out / "history.json"), SaveCheckpoint(arch, out)])
+    save = SaveCheckpoint(arch, out, hf_tokenizer=run.tokenizer, export_hf=True)
+    return BridgeRun(config, forward_step, [HistoryCallback(out / "history.json"), save])
 
 
 def score_run(recipe: RecipeConfig) -> BridgeRun:
@@ -190,4 +191,7 @@ def score_run(recipe: RecipeConfig) -> BridgeRun:
 
 def _eval_iters(recipe: RecipeConfig, train: TrainStageConfig) -> int:
     """Validation batches per evaluation: the whole validation split (data.num_validation sequences)."""
-    return max(recipe.data.num_validation // train.global_batch_size, 1)
+    if recipe.data.num_validation < train.global_batch_size:
+        raise ValueError(f"data.num_validation ({recipe.data.num_validation}) must be at least one global batch "
+                         f"({train.global_batch_size}): Bridge evaluates whole global batches")
+    return recipe.data.num_validation // train.global_batch_size

@@ -30,13 +30,11 @@ def global_batch(sequences: torch.Tensor, step: int, global_batch_size: int, see
 class SequenceStream(torch.utils.data.Dataset):
     """The training stream as a map-style dataset of ``length`` positions: item p is {tokens, labels, loss_mask}
     of the sequence at position p (tokens = sequence[:-1], labels = sequence[1:]); with shuffle=False, item p is
-    sequence p (validation)."""
+    sequence p mod n (validation: every pass over n positions reads the n sequences in order)."""
 
     def __init__(self, sequences: torch.Tensor, length: int, seed: int = 0, shuffle: bool = True):
         if sequences.ndim != 2 or sequences.shape[1] < 2:
             raise ValueError(f"sequences must be [n, s + 1] with s >= 1, got shape {tuple(sequences.shape)}")
-        if not shuffle and length > sequences.shape[0]:
-            raise ValueError(f"an unshuffled stream of {sequences.shape[0]} sequences has no position {length - 1}")
         self.sequences, self.length, self.seed, self.shuffle = sequences, length, seed, shuffle
         self._order = (None, None)  # (epoch, permutation) of the last epoch read
 
@@ -45,7 +43,7 @@ class SequenceStream(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         n = self.sequences.shape[0]
-        row = position
+        row = position % n
         if self.shuffle:
             epoch = position // n
             if self._order[0] != epoch:

@@ -143,6 +143,10 @@ def transformer_config_kwargs(arch: ModelArch, *, tensor_model_parallel_size: in
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         transformer_impl=transformer_impl,
+        # Megatron-Core's defaults, stated because Bridge's GPTModelProvider changes them: both builders make the
+        # same model, with the same numerics.
+        attention_softmax_in_fp32=True,
+        cross_entropy_loss_fusion=False,
         **fp8_kwargs,
     )
 

@@ -8,8 +8,9 @@ from nemo_minitron.models.arch import ModelArch
 from nemo_minitron.pruning.plan import PrunePlan
 
 CONFIG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-# Cached sizes that differ between stages / layers by construction, not by width.
-_PER_STAGE_ATTRS = ("layer_number", "num_layers_per_pipeline_rank")
+# Cached sizes that are not widths: they differ between stages / layers by construction, or are the context
+# length the model was built for (Megatron-Bridge builds with the training sequence length).
+_NOT_WIDTHS = ("layer_number", "num_layers_per_pipeline_rank", "max_sequence_length", "max_position_embeddings")
 
 
 def apply_plan(model, arch: ModelArch, plan: PrunePlan) -> ModelArch:
@@ -187,7 +188,7 @@ def _renumber(layer, number: int) -> None:
 def _sizes(module) -> dict:
     """The integer sizes a module cached at construction (what its forward reshapes with)."""
     return {k: v for k, v in vars(module).items()
-            if type(v) in (int, tuple, torch.Size) and k not in _PER_STAGE_ATTRS}
+            if type(v) in (int, tuple, torch.Size) and k not in _NOT_WIDTHS}
 
 
 def check_shapes(model, arch: ModelArch) -> None:
