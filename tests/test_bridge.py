@@ -264,6 +264,28 @@ def _state(path):
         destroy_distributed()
 
 
+def _bridge_loads_pruned(rank, world_size, run_dir):
+    """Bridge's own loader reads `python -m nemo_minitron.bridge prune`'s checkpoints: the weights of
+    `minitron prune`'s students."""
+    from nemo_minitron.models.checkpoint import load_checkpoint
+    from nemo_minitron.runtime.bridge_shims import bridge_cpu
+    from nemo_minitron.runtime.distributed import init_distributed
+
+    init_distributed()
+    for name in ("width", "depth"):
+        expected, arch = load_checkpoint(f"{run_dir}/pruned/{name}")
+        with bridge_cpu():
+            from megatron.bridge.training.model_load_save import load_megatron_model
+
+            (model,) = load_megatron_model(f"{run_dir}/pruned/{name}/bridge/iter_0000000", skip_temp_dist_context=True)
+        assert model.config.hidden_size == arch.hidden_size and model.config.num_layers == arch.num_layers
+        actual = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        reference = {k: v for k, v in expected.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert actual.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(actual[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+
+
 def test_bridge_stages_equal_the_minitron_stages(tiny_hf_run_inputs, tmp_path):
     """From one prepared run folder: `minitron correct-teacher / score / prune / distill` and the Bridge stages
     (correct-teacher, score with the ImportanceCallback, distill with the prune hook) give the same corrected
@@ -281,8 +303,10 @@ def test_bridge_stages_equal_the_minitron_stages(tiny_hf_run_inputs, tmp_path):
     shutil.copytree(prepared, bridged)
     for stage in ("correct-teacher", "score", "prune", "distill"):
         minitron(stage, "--run", str(project), f"run_dir={project}")
-    for stage in ("correct-teacher", "score", "distill"):
+    for stage in ("correct-teacher", "score", "distill", "prune"):
         bridge(stage, "--run", str(bridged), f"run_dir={bridged}")
+    minitron("prune", "--run", str(bridged), f"run_dir={bridged}")  # the same students in the project's format
+    run_distributed(_bridge_loads_pruned, 1, str(bridged))
 
     for name in ("teacher_corrected", "distilled/width"):
         (expected, expected_arch), (actual, actual_arch) = _state(project / name), _state(bridged / name)

@@ -1,7 +1,8 @@
 """`python -m nemo_minitron.bridge STAGE (--recipe FILE | --run DIR) [key=value ...]`: one stage through
 Megatron-Bridge's pretrain() (NeMo's training loop) on a run folder that `minitron prepare` made.
 
-  STAGE   correct-teacher | score | distill
+  STAGE   correct-teacher | score | distill (training / evaluation runs of Bridge's pretrain()), or prune (every
+          prune target written as a Bridge checkpoint, pruned/NAME/bridge; distill prunes in its own run)
   key=value  a recipe setting (e.g. distill.steps=20, parallel.tensor_model_parallel_size=2), or a setting of
              Bridge's ConfigContainer in Bridge's override syntax (e.g. train.eval_iters=4,
              checkpoint.save_interval=100, logger.tensorboard_dir=/results/tb): keys the recipe does not have go
@@ -18,7 +19,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-STAGE_NAMES = ("correct-teacher", "score", "distill")
+STAGE_NAMES = ("correct-teacher", "score", "prune", "distill")
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -61,10 +62,14 @@ def main(argv=None) -> int:
     with bridge_cpu():
         from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
-        from nemo_minitron.bridge.stages import STAGES, launch
+        from nemo_minitron.bridge import stages
 
         try:
-            run = STAGES[args.command](recipe)
+            if args.command == "prune":
+                for path in stages.prune(recipe):
+                    print(f"[prune] Megatron-Bridge checkpoint: {path}")
+                return 0
+            run = stages.TRAINING_STAGES[args.command](recipe)
             if bridge_overrides:
                 process_config_with_overrides(run.config, cli_overrides=bridge_overrides)
         except (ValueError, FileNotFoundError) as err:
@@ -74,7 +79,7 @@ def main(argv=None) -> int:
 
             print(OmegaConf.to_yaml(create_omegaconf_dict_config(run.config)[0]))
             return 0
-        launch(run)
+        stages.launch(run)
     return 0
 
 

@@ -124,34 +124,43 @@ def correct_run(recipe: RecipeConfig) -> BridgeRun:
     return BridgeRun(config, ForwardStep(), [HistoryCallback(out / "history.json"), SaveCheckpoint(arch, out)])
 
 
+def pruned_provider(recipe: RecipeConfig, target: str):
+    """The GPTModelProvider of the student ``target`` (a key of recipe.prune): built as the run's (corrected)
+    teacher, then loaded and pruned in place by pre-wrap hooks with the plan made from the run's scores; the
+    ApplyPlan hook is the provider's ``prune_hook``."""
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    run = RunDir(recipe.run_dir)
+    if target not in recipe.prune:
+        raise ValueError(f"distill.student: {target!r} is not a prune target; allowed: {sorted(recipe.prune)}")
+    teacher_dir = run.active_teacher()
+    arch = checkpoint_arch(teacher_dir)
+    scores = ImportanceScores.load(run.require(run.scores, "score"))
+    model = _provider(recipe, arch)
+    model.register_pre_wrap_hook(LoadWeights(teacher_dir))
+    model.register_pre_wrap_hook(ApplyPlan(arch, scores, recipe.prune[target]))
+    return model
+
+
 def distill_run(recipe: RecipeConfig) -> BridgeRun:
-    """Distillation through Bridge: the student is built as the (corrected) teacher, loaded from it and pruned in
-    place by pre-wrap hooks (the plan made from the run's scores and the target distill.student), then distilled
-    from the teacher (loaded by a third hook, same parallel layout) with the project's ForwardStep. The student
-    is saved to the run folder's distilled/NAME/ (the project's checkpoint format)."""
+    """Distillation through Bridge: the student of ``pruned_provider`` (pruned in the run by a pre-wrap hook),
+    distilled from the teacher (loaded by a further hook, same parallel layout) with the project's ForwardStep.
+    The student is saved to the run folder's distilled/NAME/ (the project's checkpoint format + Hugging Face)."""
     from nemo_minitron.distillation.intermediate import IntermediateLoss
     from nemo_minitron.distillation.losses import VocabParallelKDLoss
-    from nemo_minitron.importance.scores import ImportanceScores
 
     run = RunDir(recipe.run_dir)
     d = recipe.distill
     teacher_dir = run.active_teacher()
     arch = checkpoint_arch(teacher_dir)
-    if d.student not in recipe.prune:
-        raise ValueError(f"distill.student: {d.student!r} is not a prune target; allowed: {sorted(recipe.prune)}")
-    scores = ImportanceScores.load(run.require(run.scores, "score"))
-    model = _provider(recipe, arch)
-    prune = ApplyPlan(arch, scores, recipe.prune[d.student])
+    model = pruned_provider(recipe, d.student)
     teacher = TeacherFromCheckpoint(teacher_dir, params_dtype=model.params_dtype, **_build_kwargs(recipe))
+    model.register_pre_wrap_hook(teacher)
     intermediate = None
     if d.intermediate_pairs:
         intermediate = IntermediateLoss(d.intermediate_pairs, kind=d.intermediate_loss, weight=d.intermediate_weight,
                                         balance=d.balance_losses)
-    hooks = [LoadWeights(teacher_dir), prune, teacher]
-    if intermediate is not None:
-        hooks.append(AttachProjections(intermediate, teacher, seed=recipe.data.seed))
-    for hook in hooks:
-        model.register_pre_wrap_hook(hook)
+        model.register_pre_wrap_hook(AttachProjections(intermediate, teacher, seed=recipe.data.seed))
     dataset, tokenizer = _dataset(recipe, run)
     out = run.distilled(d.student)
     config = container(model, dataset, d, seed=recipe.data.seed, checkpoint_dir=out / "bridge_state",
