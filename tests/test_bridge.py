@@ -326,3 +326,53 @@ def test_bridge_stages_equal_the_minitron_stages(tiny_hf_run_inputs, tmp_path):
         assert validations and [(e["step"], pytest.approx(e["val_loss"], rel=1e-4)) for e in actual
                                 if "val_loss" in e] == validations
     assert (bridged / "distilled" / "width" / "hf" / "config.json").exists()
+
+
+def _prepared_run(root, arch):
+    """What `minitron prepare` + `score` leave that building a Bridge config reads: the teacher's arch.json and
+    the scores (random)."""
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    (root / "teacher").mkdir(parents=True)
+    arch.save(root / "teacher" / "arch.json")
+    g = torch.Generator().manual_seed(0)
+    ImportanceScores(hidden=torch.rand(arch.hidden_size, generator=g),
+                     ffn=torch.rand(arch.num_layers, arch.ffn_hidden_size, generator=g),
+                     heads=torch.rand(arch.num_layers, arch.num_attention_heads, generator=g),
+                     groups=torch.rand(arch.num_layers, arch.num_query_groups, generator=g),
+                     blocks={16: torch.rand(arch.num_layers - 15, generator=g)}).save(root / "scores")
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gpu):
+    """The Bridge recipe functions turn the papers' YAML recipes into ConfigContainers: layout, schedule, batch,
+    the student target, and on a GPU bf16 mixed precision with the distributed optimizer and overlapped
+    communication."""
+    from nemo_minitron.bridge import recipes
+    from nemo_minitron.bridge.model import ApplyPlan
+
+    arch = TEACHER.replace(num_layers=32, num_attention_heads=8, num_query_groups=8, kv_channels=8, ffn_hidden_size=128)
+    _prepared_run(tmp_path, arch)
+    overrides = [f"run_dir={tmp_path}", f"model.source={tmp_path}", "model.transformer_impl=local"]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: gpu)
+        width = recipes.llama31_8b_to_4b_width_config(overrides=overrides)
+        depth = recipes.llama31_8b_to_4b_depth_config(overrides=[*overrides, "distill.steps=500"])
+        corrected = recipes.llama31_8b_to_4b_width_config("correct-teacher", overrides)
+    model = width.model
+    assert (model.tensor_model_parallel_size, model.sequence_parallel, model.seq_length) == (8, True, 8192)
+    assert (width.train.train_iters, width.train.global_batch_size, width.train.micro_batch_size) == (12000, 1024, 1)
+    assert (width.optimizer.lr, width.optimizer.min_lr, width.scheduler.lr_warmup_iters) == (1e-4, 1e-5, 100)
+    assert width.scheduler.lr_decay_style == "cosine" and width.checkpoint.save_interval == 500
+    assert corrected.optimizer.lr == 2e-5 and corrected.train.train_iters == 1000
+    assert depth.train.train_iters == 500
+    targets = {name: next(h for h in cfg.model._pre_wrap_hooks if isinstance(h, ApplyPlan)).target
+               for name, cfg in (("width", width), ("depth", depth))}
+    assert (targets["width"].hidden_size, targets["width"].ffn_hidden_size) == (3072, 9216)
+    assert targets["depth"].num_layers == 16 and targets["depth"].hidden_size is None
+    assert width.mixed_precision == ("bf16_mixed" if gpu else None)
+    assert width.optimizer.bf16 is gpu and width.optimizer.use_distributed_optimizer is gpu
+    assert width.ddp.overlap_grad_reduce is gpu and width.ddp.overlap_param_gather is gpu
+    assert width.dist.distributed_backend == ("nccl" if gpu else "gloo")
+    with pytest.raises(ValueError, match="stage: 'prune' is not a Bridge training stage"):
+        recipes.llama31_8b_to_4b_width_config("prune", overrides)

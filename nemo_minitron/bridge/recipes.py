@@ -204,3 +204,37 @@ def _eval_iters(recipe: RecipeConfig, train: TrainStageConfig) -> int:
         raise ValueError(f"data.num_validation ({recipe.data.num_validation}) must be at least one global batch "
                          f"({train.global_batch_size}): Bridge evaluates whole global batches")
     return recipe.data.num_validation // train.global_batch_size
+
+
+RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+TRAINING_STAGES = {"correct-teacher": correct_run, "score": score_run, "distill": distill_run}
+
+
+def recipe_config(recipe_file: str | Path, stage: str = "distill", overrides=()):
+    """The ConfigContainer of ``stage`` of a recipe YAML file (project keys, ``key=value`` overrides); the run
+    folder it names must have been prepared (`minitron prepare`, then score before distill)."""
+    from nemo_minitron.config import load_recipe
+
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"stage: {stage!r} is not a Bridge training stage; choose one of {list(TRAINING_STAGES)}")
+    return TRAINING_STAGES[stage](load_recipe(recipe_file, list(overrides))).config
+
+
+def smollm2_135m_config(stage: str = "distill", overrides=()):
+    """SmolLM2-135M on Shakespeare (the embedded default, CPU-sized: recipes/demo.yaml)."""
+    return recipe_config(RECIPES / "demo.yaml", stage, overrides)
+
+
+def llama31_8b_to_4b_width_config(stage: str = "distill", overrides=()):
+    """Llama-3.1-8B -> 4B by width (hidden 4096 -> 3072, ffn 14336 -> 9216), recipes/llama31_8b_to_4b.yaml."""
+    return recipe_config(RECIPES / "llama31_8b_to_4b.yaml", stage, ["distill.student=width", *overrides])
+
+
+def llama31_8b_to_4b_depth_config(stage: str = "distill", overrides=()):
+    """Llama-3.1-8B -> 4B by depth (32 -> 16 layers, the contiguous block the search finds cheapest)."""
+    return recipe_config(RECIPES / "llama31_8b_to_4b.yaml", stage, ["distill.student=depth", *overrides])
+
+
+def mistral_nemo_12b_to_8b_config(stage: str = "distill", overrides=()):
+    """Mistral-NeMo-12B -> 8B by width (hidden 5120 -> 4096, ffn 14336 -> 11520)."""
+    return recipe_config(RECIPES / "mistral_nemo_12b_to_8b.yaml", stage, overrides)

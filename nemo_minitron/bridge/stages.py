@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nemo_minitron.bridge.recipes import BridgeRun, correct_run, distill_run, pruned_provider, score_run
+from nemo_minitron.bridge.recipes import TRAINING_STAGES, BridgeRun, pruned_provider
 from nemo_minitron.config import RecipeConfig
 from nemo_minitron.runtime.bridge_shims import bridge_cpu
-
-TRAINING_STAGES = {"correct-teacher": correct_run, "score": score_run, "distill": distill_run}
 
 
 def launch(run: BridgeRun) -> None:
