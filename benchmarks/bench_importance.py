@@ -29,7 +29,7 @@ def measure(rank: int, world_size: int, results) -> None:
     import torch.distributed as dist
 
     from nemo_minitron.evaluation.loss import validation_loss
-    from nemo_minitron.importance.score import compute_importance
+    from nemo_minitron.importance.compute import compute_importance
     from nemo_minitron.models.build import build_gpt_model
     from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 

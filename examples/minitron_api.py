@@ -14,7 +14,7 @@ from nemo_minitron.distillation.losses import VocabParallelKDLoss
 from nemo_minitron.distillation.teacher import Teacher
 from nemo_minitron.distillation.trainer import TrainConfig, train
 from nemo_minitron.evaluation.loss import validation_loss
-from nemo_minitron.importance.score import compute_importance
+from nemo_minitron.importance.compute import compute_importance
 from nemo_minitron.models.arch import ModelArch
 from nemo_minitron.models.build import build_gpt_model
 from nemo_minitron.pruning.apply import apply_plan

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nemo_minitron import pipeline
 from nemo_minitron.config import load_recipe
+from nemo_minitron.runtime.console import quiet_known_warnings
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 COMMANDS = ("demo", "run", *pipeline.STAGES)
@@ -55,6 +56,7 @@ def resolve_recipe(args):
 
 
 def main(argv=None) -> int:
+    quiet_known_warnings()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         recipe = resolve_recipe(args)

@@ -193,7 +193,7 @@ def correct(recipe: RecipeConfig) -> None:
 def score(recipe: RecipeConfig) -> None:
     """Importance of every width axis and of layers, from forward passes over the calibration split."""
     from nemo_minitron.importance.plots import plot_importance
-    from nemo_minitron.importance.score import compute_importance
+    from nemo_minitron.importance.compute import compute_importance
 
     run = RunDir(recipe.run_dir)
     with timed(run, "score"):

@@ -3,6 +3,7 @@
 import builtins
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is N
 TEACHER = ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
                     vocab_size=128, kv_channels=16, max_position_embeddings=64)
 STUDENT = TEACHER.replace(hidden_size=48, ffn_hidden_size=64)
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 HISTORY_KEYS = ("lr", "loss", "kd_loss", "lm_loss", "inter_loss", "grad_norm")
 
 
@@ -44,15 +46,17 @@ def _forward_step(variant, teacher):
     return ForwardStep(teacher, lm_loss_weight=0.5, fuse_output_layer=variant == "fused")
 
 
-def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=None, exit_interval=None):
-    """A Bridge KD run of the saved student from the saved teacher; returns (history, final student weights)."""
+def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=None, exit_interval=None, pp=1):
+    """A Bridge KD run of the saved student from the saved teacher; returns (history, this rank's final student
+    weights); the history is kept on the last pipeline stage."""
     from nemo_minitron.bridge.callbacks import HistoryCallback
     from nemo_minitron.bridge.data import PackedSequences
     from nemo_minitron.bridge.model import AttachProjections, LoadWeights, TeacherFromCheckpoint, gpt_provider
     from nemo_minitron.bridge.recipes import BridgeRun, container
     from nemo_minitron.bridge.stages import launch
 
-    model = gpt_provider(STUDENT, seq_length=16, tensor_model_parallel_size=tp, sequence_parallel=sp)
+    model = gpt_provider(STUDENT, seq_length=16, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                         sequence_parallel=sp)
     teacher = TeacherFromCheckpoint(f"{tmp}/teacher", sequence_parallel=sp)
     forward_step = _forward_step(variant, teacher)
     hooks = [LoadWeights(f"{tmp}/student"), teacher]
@@ -87,15 +91,20 @@ def _assert_same_history(actual, expected, rtol=1e-5):
                 assert a[key] == pytest.approx(e[key], rel=rtol, abs=1e-9), (a["step"], key, a[key], e[key])
 
 
-def _kd_equals_trainer(rank, world_size, tmp, sp, variant):
+def _kd_equals_trainer(rank, world_size, tmp, pp, sp, variant):
     from nemo_minitron.config import TrainStageConfig
     from nemo_minitron.distillation.teacher import Teacher
     from nemo_minitron.distillation.trainer import train
     from nemo_minitron.models.checkpoint import load_checkpoint
     from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 
-    init_distributed(ParallelConfig(tensor_model_parallel_size=world_size, sequence_parallel=sp), seed=1234)
+    from megatron.core import parallel_state
+
+    tp = world_size // pp
+    init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                    sequence_parallel=sp), seed=1234)
     _save_models(tmp, sp)
+    last_stage = parallel_state.is_pipeline_last_stage()
     stage = TrainStageConfig(steps=4, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4,
                              warmup_steps=1, weight_decay=0.01)
     student, _ = load_checkpoint(f"{tmp}/student", sequence_parallel=sp)
@@ -105,18 +114,23 @@ def _kd_equals_trainer(rank, world_size, tmp, sp, variant):
     if forward_step.intermediate is not None:
         assert expected[-1]["inter_loss"] > 0
     expected_weights = {k: v.detach().clone() for k, v in student.named_parameters()}
-    history, weights = _bridge_kd(tmp, world_size, sp, variant, stage)  # Bridge re-initialises the groups
-    _assert_same_history(history, expected)
+    history, weights = _bridge_kd(tmp, tp, sp, variant, stage, pp=pp)  # Bridge re-initialises the groups
+    if last_stage:
+        _assert_same_history(history, expected)
+    else:
+        assert history == []
     assert weights.keys() == expected_weights.keys()
     for name, value in expected_weights.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("tp,sp,variant", [(1, False, "intermediate"), (2, False, "fused"), (2, True, "logits")],
-                         ids=["tp1-intermediate", "tp2-fused", "tp2-sp"])
-def test_bridge_kd_equals_trainer(tmp_path, tp, sp, variant):
-    """Bridge's pretrain() with ForwardStep reproduces the project trainer's loss history and final weights."""
-    run_distributed(_kd_equals_trainer, tp, str(tmp_path), sp, variant, timeout=600)
+@pytest.mark.parametrize("tp,pp,sp,variant", [(1, 1, False, "intermediate"), (2, 1, False, "fused"),
+                                              (2, 1, True, "logits"), (1, 2, False, "logits")],
+                         ids=["tp1-intermediate", "tp2-fused", "tp2-sp", "pp2"])
+def test_bridge_kd_equals_trainer(tmp_path, tp, pp, sp, variant):
+    """Bridge's pretrain() with ForwardStep reproduces the project trainer's loss history and final weights (under
+    pipeline parallelism the teacher's stages travel with the student's in both loops)."""
+    run_distributed(_kd_equals_trainer, tp * pp, str(tmp_path), pp, sp, variant, timeout=600)
 
 
 def _resume(rank, world_size, tmp, phase):
@@ -162,7 +176,7 @@ def _importance_equals_engine(rank, world_size, tmp):
     from nemo_minitron.bridge.stages import launch
     from nemo_minitron.config import TrainStageConfig
     from nemo_minitron.distillation.forward_step import ForwardStep
-    from nemo_minitron.importance.score import compute_importance
+    from nemo_minitron.importance.compute import compute_importance
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.models.checkpoint import load_checkpoint
     from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
@@ -376,3 +390,28 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
     assert width.dist.distributed_backend == ("nccl" if gpu else "gloo")
     with pytest.raises(ValueError, match="stage: 'prune' is not a Bridge training stage"):
         recipes.llama31_8b_to_4b_width_config("prune", overrides)
+
+
+@pytest.mark.slow
+def test_smollm2_recipe_through_bridge(tmp_path):
+    """The embedded default (SmolLM2-135M on Shakespeare) through Megatron-Bridge, shortened: `minitron prepare`,
+    then Bridge's score and distill stages, then `minitron prune` and `eval`: a few distillation steps from the
+    teacher improve the width student."""
+    from tests.test_pipeline import minitron
+
+    run_dir = tmp_path / "demo"
+    settings = [f"run_dir={run_dir}", "data.num_calibration=8", "data.num_validation=8", "score.num_validation=4",
+                "score.block_sizes=[]", "prune.depth.layer_metric=block_influence", "distill.steps=3",
+                "distill.warmup_steps=1", "distill.global_batch_size=4", "distill.eval_interval=0"]
+    minitron("prepare", "--recipe", str(RECIPE_DIR / "demo.yaml"), *settings, timeout=900)
+    bridge("score", "--run", str(run_dir), timeout=900)
+    out = bridge("distill", "--run", str(run_dir), timeout=1500)
+    assert "iteration        3/       3" in out
+    minitron("prune", "--run", str(run_dir))  # the undistilled students, to compare with
+    minitron("eval", "--run", str(run_dir))
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert results["teacher"]["val_loss"] < 5.0
+    assert results["distilled/width"]["arch"]["hidden_size"] == 384
+    assert results["distilled/width"]["val_loss"] < results["pruned/width"]["val_loss"] - 0.5
+    history = json.loads((run_dir / "distilled" / "width" / "history.json").read_text())
+    assert [e["step"] for e in history] == [1, 2, 3] and history[-1]["kd_loss"] < history[0]["kd_loss"]

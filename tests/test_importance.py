@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from nemo_minitron.evaluation.loss import validation_loss
 from nemo_minitron.importance.depth import best_block, skip_layers
 from nemo_minitron.importance.plots import plot_importance
-from nemo_minitron.importance.score import compute_importance
+from nemo_minitron.importance.compute import compute_importance
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.importance.width import BATCH_AGGS, WidthCollector
 from nemo_minitron.models.build import build_gpt_model, causal_inputs, forward_logits

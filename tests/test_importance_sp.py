@@ -2,7 +2,7 @@
 
 import pytest
 
-from nemo_minitron.importance.score import compute_importance
+from nemo_minitron.importance.compute import compute_importance
 from nemo_minitron.models.build import build_gpt_model
 from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 from tests.distributed import run_distributed

@@ -1,8 +1,13 @@
-"""`python -m nemo_minitron.bridge STAGE (--recipe FILE | --run DIR) [key=value ...]`: one stage through
-Megatron-Bridge's pretrain() (NeMo's training loop) on a run folder that `minitron prepare` made.
+"""`python -m nemo_minitron.bridge COMMAND (--recipe FILE | --run DIR) [key=value ...]`: the recipe with its training
+stages run by Megatron-Bridge's pretrain() (NeMo's training loop).
 
-  STAGE   correct-teacher | score | distill (training / evaluation runs of Bridge's pretrain()), or prune (every
-          prune target written as a Bridge checkpoint, pruned/NAME/bridge; distill prunes in its own run)
+  demo     the embedded default (SmolLM2-135M on Shakespeare) end to end, like `minitron demo`
+  run      every stage of a recipe: `minitron prepare`, Bridge's correct-teacher (if enabled), score and distill,
+           then `minitron prune`, `eval` and `report`
+
+  STAGE    one stage on a prepared run folder: correct-teacher | score | distill (runs of Bridge's pretrain()),
+           or prune (every prune target written as a Bridge checkpoint, pruned/NAME/bridge; distill prunes the
+           student in its own run)
   key=value  a recipe setting (e.g. distill.steps=20, parallel.tensor_model_parallel_size=2), or a setting of
              Bridge's ConfigContainer in Bridge's override syntax (e.g. train.eval_iters=4,
              checkpoint.save_interval=100, logger.tensorboard_dir=/results/tb): keys the recipe does not have go
@@ -20,6 +25,7 @@ import sys
 from omegaconf import OmegaConf
 
 STAGE_NAMES = ("correct-teacher", "score", "prune", "distill")
+COMMANDS = ("demo", "run", *STAGE_NAMES)
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -41,10 +47,12 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv=None) -> int:
     from nemo_minitron.cli import resolve_recipe
+    from nemo_minitron.runtime.console import quiet_known_warnings
 
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="python -m nemo_minitron.bridge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=STAGE_NAMES, metavar="STAGE")
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND")
     parser.add_argument("--recipe", help="recipe YAML file")
     parser.add_argument("--run", help="existing run folder (its recipe.yaml is used)")
     parser.add_argument("--dry-run", action="store_true", help="print the Bridge ConfigContainer and exit")
@@ -57,29 +65,29 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"python -m nemo_minitron.bridge: {err}") from None
 
-    from nemo_minitron.runtime.bridge_shims import bridge_cpu
+    from nemo_minitron.bridge import stages
 
-    with bridge_cpu():
-        from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+    try:
+        if args.command in ("demo", "run"):
+            if args.dry_run:
+                raise ValueError("--dry-run prints one stage's ConfigContainer: name the stage")
+            from nemo_minitron.pipeline import log
 
-        from nemo_minitron.bridge import stages
-
-        try:
-            if args.command == "prune":
-                for path in stages.prune(recipe):
-                    print(f"[prune] Megatron-Bridge checkpoint: {path}")
-                return 0
-            run = stages.TRAINING_STAGES[args.command](recipe)
-            if bridge_overrides:
-                process_config_with_overrides(run.config, cli_overrides=bridge_overrides)
-        except (ValueError, FileNotFoundError) as err:
-            raise SystemExit(f"python -m nemo_minitron.bridge {args.command}: {err}") from None
-        if args.dry_run:
-            from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict_config
-
-            print(OmegaConf.to_yaml(create_omegaconf_dict_config(run.config)[0]))
+            log(stages.run_all(recipe, bridge_overrides))
             return 0
-        stages.launch(run)
+        if args.command == "prune":
+            for path in stages.prune(recipe):
+                print(f"[prune] Megatron-Bridge checkpoint: {path}")
+            return 0
+        run = stages.training_stage(args.command, recipe, bridge_overrides)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"python -m nemo_minitron.bridge {args.command}: {err}") from None
+    if args.dry_run:
+        from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict_config
+
+        print(OmegaConf.to_yaml(create_omegaconf_dict_config(run.config)[0]))
+        return 0
+    stages.launch(run)
     return 0
 
 

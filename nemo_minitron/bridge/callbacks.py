@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 
 from nemo_minitron.distillation.intermediate import IntermediateLoss
-from nemo_minitron.importance.score import CalibrationHooks, add_loss_metrics, score_meta, validate_options
-from nemo_minitron.importance.width import unwrap
+from nemo_minitron.importance.compute import CalibrationHooks, add_loss_metrics, score_meta, validate_options
 from nemo_minitron.models.arch import ModelArch
+from nemo_minitron.models.build import unwrap
 from nemo_minitron.models.checkpoint import save_checkpoint
 from nemo_minitron.pruning.apply import CONFIG_FIELDS
 from nemo_minitron.runtime.absent_imports import absent_imports
@@ -62,7 +63,8 @@ class ImportanceCallback(Callback):
 class HistoryCallback(Callback):
     """The loss history of a Bridge run in the project trainer's format: one dict per step with step, lr (the
     rate the step used), loss (the minimised objective, or the LM loss without a teacher), kd_loss / lm_loss /
-    inter_loss, grad_norm, seconds; val_loss after an evaluation. Written to ``path`` (JSON) at the end."""
+    inter_loss, grad_norm, seconds; val_loss after an evaluation. Kept on the ranks of the last pipeline stage
+    (where Bridge reports the losses) and written to ``path`` (JSON) after every step by the first of them."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
@@ -78,6 +80,8 @@ class HistoryCallback(Callback):
         self._lr, self._start = context.optimizer.param_groups[0]["lr"], time.perf_counter()
 
     def on_train_step_end(self, context) -> None:
+        if not context.loss_dict:  # a pipeline stage before the last: Bridge reports no losses there
+            return
         losses = {name.replace(" ", "_"): float(value) for name, value in context.loss_dict.items()}
         loss = losses.pop("objective", None)
         entry = {"step": context.state.train_state.step + 1, "lr": self._lr,  # Bridge counts after the callbacks
@@ -93,7 +97,11 @@ class HistoryCallback(Callback):
             self._write()
 
     def _write(self) -> None:
-        if self.path is not None and is_rank0():
+        from megatron.core import parallel_state
+
+        writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                  and parallel_state.get_data_parallel_rank() == 0)  # the first rank that holds the losses
+        if self.path is not None and writer:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.history, indent=1))
 
@@ -125,3 +133,41 @@ class SaveCheckpoint(Callback):
 
                 tokenizer = AutoTokenizer.from_pretrained(self.hf_tokenizer)
             save_hf_checkpoint(model, arch, self.out_dir / "hf", tokenizer=tokenizer)
+
+
+class TeacherStages(Callback):
+    """Pipeline parallelism with a live teacher in Bridge: while training, the teacher's stages run alongside the
+    student's (ForwardStep.pipeline: the stages exchange [s, b, h_S + h_T]), and Bridge's training and evaluation
+    schedules get the matching ``adjust_tensor_shapes_fn`` (Bridge asks ModelOpt's distillation plugin for it in
+    training and passes none in evaluation; both are patched while this context manager is open)."""
+
+    def __init__(self, forward_step):
+        self.forward_step, self.adjust, self._pipeline = forward_step, None, None
+        self._patches = contextlib.ExitStack()
+
+    def __enter__(self):
+        import functools
+        import importlib
+
+        from nemo_minitron.runtime.bridge_shims import patched
+
+        train = importlib.import_module("megatron.bridge.training.train")
+        evaluate = importlib.import_module("megatron.bridge.training.eval")
+        get_schedule = evaluate.get_forward_backward_func
+        self._patches.enter_context(patched(train, "get_tensor_shapes_adjust_fn_for_distillation",
+                                            lambda *args, **kwargs: self.adjust))
+        self._patches.enter_context(patched(evaluate, "get_forward_backward_func", lambda *args, **kwargs: (
+            functools.partial(get_schedule(*args, **kwargs), adjust_tensor_shapes_fn=self.adjust))))
+        return self
+
+    def __exit__(self, *exc):
+        self._patches.close()
+
+    def on_train_start(self, context) -> None:
+        (chunk,) = context.model
+        self._pipeline = self.forward_step.pipeline(unwrap(chunk))
+        self.adjust = self._pipeline.__enter__()
+
+    def on_train_end(self, context) -> None:
+        self._pipeline.__exit__(None, None, None)
+        self.adjust = None

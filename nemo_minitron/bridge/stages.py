@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from nemo_minitron.bridge.callbacks import TeacherStages
 from nemo_minitron.bridge.recipes import TRAINING_STAGES, BridgeRun, pruned_provider
 from nemo_minitron.config import RecipeConfig
+from nemo_minitron.distillation.teacher import Teacher
 from nemo_minitron.runtime.bridge_shims import bridge_cpu
 
 
+def training_stage(stage: str, recipe: RecipeConfig, bridge_overrides=()) -> BridgeRun:
+    """The BridgeRun of ``stage`` (correct-teacher, score, distill) with Bridge-side overrides applied in Bridge's
+    syntax (``process_config_with_overrides``, e.g. train.eval_iters=4)."""
+    from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+
+    run = TRAINING_STAGES[stage](recipe)
+    if bridge_overrides:
+        process_config_with_overrides(run.config, cli_overrides=list(bridge_overrides))
+    return run
+
+
 def launch(run: BridgeRun) -> None:
-    """``pretrain(run.config, run.forward_step, run.callbacks)``; on a CPU under bridge_cpu's scoped shims."""
-    with bridge_cpu():
+    """``pretrain(run.config, run.forward_step, run.callbacks)``; on a CPU under bridge_cpu's scoped shims. Under
+    pipeline parallelism a live teacher's stages run alongside the student's (``TeacherStages``)."""
+    with bridge_cpu(), contextlib.ExitStack() as stack:
         from megatron.bridge.training.pretrain import pretrain
 
-        pretrain(run.config, run.forward_step, callbacks=run.callbacks)
+        callbacks = list(run.callbacks)
+        if run.config.model.pipeline_model_parallel_size > 1 and isinstance(run.forward_step.teacher, Teacher):
+            callbacks.append(stack.enter_context(TeacherStages(run.forward_step)))
+        pretrain(run.config, run.forward_step, callbacks=callbacks)
 
 
 def prune(recipe: RecipeConfig) -> list[Path]:
@@ -42,3 +60,25 @@ def prune(recipe: RecipeConfig) -> list[Path]:
         finally:
             destroy_distributed()
     return written
+
+
+def run_all(recipe: RecipeConfig, bridge_overrides=()) -> str:
+    """The whole recipe with its training stages in Megatron-Bridge: `minitron prepare`, then Bridge's
+    correct-teacher (if enabled), score and distill (pruning the student in its own run), then the project's prune
+    (every target, to compare with), eval and report. Returns the report markdown."""
+    from nemo_minitron import pipeline
+    from nemo_minitron.runtime.distributed import init_distributed
+
+    init_distributed(recipe.parallel, seed=recipe.data.seed)
+    pipeline.prepare(recipe)
+    for stage in ("correct-teacher", "score", "distill"):
+        if stage == "correct-teacher" and not recipe.correct.enabled:
+            continue
+        pipeline.log(f"\n=== {stage} (Megatron-Bridge) ===")
+        with pipeline.timed(pipeline.RunDir(recipe.run_dir), f"{stage} (bridge)"):
+            launch(training_stage(stage, recipe, bridge_overrides))
+        init_distributed(recipe.parallel, seed=recipe.data.seed)  # Bridge tears down the model-parallel state
+    for stage in ("prune", "eval", "report"):
+        pipeline.log(f"\n=== {stage} ===")
+        result = pipeline.STAGES[stage](recipe)
+    return result

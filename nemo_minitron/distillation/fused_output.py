@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.distillation.losses import VocabParallelKDLoss, _forward, _grad, _scaled, _softmax, _tp_group
+from nemo_minitron.models.build import unwrap
 
 
 class FinalHiddenStates(NamedTuple):
@@ -54,9 +55,7 @@ def final_hidden_states(model, tokens: torch.Tensor, position_ids: torch.Tensor,
     the hidden states to float32. hidden @ output_weight^T (gathered along s under sequence parallelism) equals the
     model's logits, transposed to [s, b, V/TP].
     """
-    from megatron.core.utils import unwrap_model
-
-    gpt = unwrap_model(model)
+    gpt = unwrap(model)
     if not gpt.post_process:
         raise ValueError("final_hidden_states needs the last pipeline stage (post_process=True)")
     if getattr(gpt, "mtp_process", False):

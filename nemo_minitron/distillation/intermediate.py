@@ -32,6 +32,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from nemo_minitron.models.build import unwrap
+
 KINDS = ("cosine", "mse")
 PROJECTIONS = "kd_projections"
 
@@ -45,18 +47,11 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -
     return (s - t).square().mean(dim=-1)
 
 
-def _unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @contextmanager
 def capture_layer_outputs(model, layers):
     """Yields {i: output hidden states [s, b, h] of model.decoder.layers[i]}, filled by forward hooks while open."""
     states, handles = {}, []
-    decoder_layers = _unwrap(model).decoder.layers
+    decoder_layers = unwrap(model).decoder.layers
     for i in sorted(set(layers)):
         def hook(module, args, output, i=i):
             states[i] = output[0] if isinstance(output, tuple) else output
@@ -136,7 +131,7 @@ class IntermediateLoss:
         """Per-token losses [num_pairs, b, s] (float32; 0 where loss_mask [b, s] is 0) of the captured states;
         ``student`` (possibly DDP-wrapped) holds the projections. Under sequence parallelism the states are this
         rank's slice [s/TP, b, h]; the losses are all-gathered over the sequence (backward: this rank's slice)."""
-        model = _unwrap(student)
+        model = unwrap(student)
         projections = getattr(model, PROJECTIONS, None)
         losses = []
         for k, (i, j) in enumerate(self.pairs):

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.runtime.distributed import all_gather_last_dim
+
 KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_forward_kl")
 
 
@@ -88,27 +90,29 @@ def _softmax(z: torch.Tensor, group, name: str) -> tuple[torch.Tensor, torch.Ten
     return p.div_(local_sum), m, local_sum.log()
 
 
-def _all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+def vocab_parallel_top_k(values: torch.Tensor, k: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries per row over the whole vocabulary of the vocab shards ``values`` [..., V/TP] (rank r
+    of ``group`` holding vocabulary entries [r V/TP, (r + 1) V/TP)), in descending order, and their global
+    vocabulary indices, [..., k] each, equal on every rank: each rank takes its shard's top min(k, V/TP), the
+    ranks' candidates with their global indices are all-gathered (at most k per rank, never the vocabulary) and
+    the best k kept. ``group`` None (TP=1): the shard is the whole vocabulary, a plain top-k."""
+    shard = values.shape[-1]
+    values, index = values.topk(min(k, shard), dim=-1)
+    if group is not None:
+        values = all_gather_last_dim(values, group)
+        index = all_gather_last_dim(index + dist.get_rank(group) * shard, group)
+        values, pos = values.topk(k, dim=-1)
+        index = index.gather(-1, pos)
+    return values, index
 
 
 def _teacher_top_k(t: torch.Tensor, k: int, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's top-k tokens K over the whole vocabulary (a top-k of the ranks' local top-ks: only k values
-    and indices per token are gathered): log q = log_softmax(t[K]) [n, k], the positions of K in this shard
-    (clamped into range) and whether this shard owns them."""
+    """The teacher's top-k tokens K over the whole vocabulary (``vocab_parallel_top_k``): log q = log_softmax(t[K])
+    [n, k], the positions of K in this shard (clamped into range) and whether this shard owns them."""
     shard = t.shape[-1]
-    values, index = t.topk(min(k, shard), dim=-1)
-    start = 0
-    if group is not None:
-        start = dist.get_rank(group) * shard
-        values = _all_gather_last_dim(values, group)
-        index = _all_gather_last_dim(index + start, group)
-        values, pos = values.topk(k, dim=-1)
-        index = index.gather(-1, pos)
+    values, index = vocab_parallel_top_k(t, k, group)
     _check_finite(values[:, :1], "teacher_logits")
-    local = index - start
+    local = index - (dist.get_rank(group) * shard if group is not None else 0)
     owned = (local >= 0) & (local < shard)
     return values.log_softmax(dim=-1), local.clamp(0, shard - 1), owned
 

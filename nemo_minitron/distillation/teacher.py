@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.distillation.losses import _AllReduceSum, _all_gather_last_dim, _log_softmax, _tp_group
+from nemo_minitron.distillation.losses import _AllReduceSum, _log_softmax, _tp_group, vocab_parallel_top_k
 from nemo_minitron.models.build import forward_logits
 from nemo_minitron.runtime.distributed import device, is_rank0
 
@@ -42,19 +42,12 @@ class Teacher:
     def top_k_log_probs(self, tokens: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top_k full-vocabulary log-probs per token and their global vocabulary indices, [b, s, top_k] each.
 
-        Under TP each rank takes its shard's top_k of log_softmax (normalised over the whole vocabulary), the
-        ranks' candidates are gathered (top_k per rank, never the vocabulary) and the best top_k kept.
+        The full-vocabulary log_softmax of the vocab-sharded logits, then ``vocab_parallel_top_k`` of it (under TP
+        only top_k candidates per rank are gathered, never the vocabulary).
         """
         logits = self.logits(tokens).float()
         group = _tp_group()
-        shard = logits.shape[-1]
-        values, index = _log_softmax(logits, group, "teacher_logits").topk(min(top_k, shard), dim=-1)
-        if group is not None:
-            values = _all_gather_last_dim(values, group)
-            index = _all_gather_last_dim(index + dist.get_rank(group) * shard, group)
-            values, pos = values.topk(top_k, dim=-1)
-            index = index.gather(-1, pos)
-        return values, index
+        return vocab_parallel_top_k(_log_softmax(logits, group, "teacher_logits"), top_k, group)
 
 
 def sequence_keys(tokens: torch.Tensor) -> list[int]:

@@ -17,7 +17,8 @@ from torch.linalg import vecdot
 from tqdm import tqdm
 
 from nemo_minitron.evaluation.loss import validation_loss
-from nemo_minitron.importance.width import HookCollector, gather_layers, layer_index, local_layers, tp_share, unwrap
+from nemo_minitron.importance.width import HookCollector, gather_layers, layer_index, local_layers, tp_share
+from nemo_minitron.models.build import unwrap
 
 
 class BlockInfluence(HookCollector):

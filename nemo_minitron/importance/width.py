@@ -38,15 +38,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.models.build import unwrap
+from nemo_minitron.runtime.distributed import all_gather_last_dim
+
 SEQ_AGGS = ("mean", "l2", "var")
 BATCH_AGGS = ("l2", "mean", "var")
-
-
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 def local_layers(model) -> list:
@@ -78,16 +74,6 @@ def tp_share(size: int) -> slice:
     base, extra = divmod(size, tp)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
-
-
-def gather_channels(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate the tensor-parallel shards of the last dimension, in TP-rank order."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    shards = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, local.contiguous(), group=group)
-    return torch.cat(shards, dim=-1)
 
 
 def seq_aggregate(x: torch.Tensor, seq_agg: str) -> torch.Tensor:
@@ -243,10 +229,10 @@ class WidthCollector(HookCollector):
         counts = set(self.ffn.count + self.context.count + self.hidden.count)
         if len(counts) > 1:
             raise RuntimeError(f"importance hooks saw different sample counts {sorted(counts)}: a site was skipped")
-        config = self.config
-        ffn = gather_channels(self.ffn.score(batch_agg))
+        config, tp_group = self.config, parallel_state.get_tensor_model_parallel_group()
+        ffn = all_gather_last_dim(self.ffn.score(batch_agg), tp_group)
         channels = self.context.score(batch_agg)
-        heads = gather_channels(channels.unflatten(-1, (-1, config.kv_channels)).norm(dim=-1))
+        heads = all_gather_last_dim(channels.unflatten(-1, (-1, config.kv_channels)).norm(dim=-1), tp_group)
         num_layers = config.num_layers
         ffn = gather_layers(ffn, self.indices, num_layers)
         heads = gather_layers(heads, self.indices, num_layers)

@@ -11,6 +11,13 @@ from nemo_minitron.models.norm import RMSNorm
 from nemo_minitron.runtime.distributed import device
 
 
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers (the first module with a ``decoder``)."""
+    while not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
 def layer_spec(config):
     """Block spec for config.transformer_impl: Transformer Engine's fused modules (GPU, FP8), or Megatron-Core's
     own ("local") with nemo_minitron's RMSNorm, which also runs under sequence parallelism."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import os
 import types
@@ -57,7 +58,9 @@ class CpuRNGStatesTracker:
     def fork(self, name="model-parallel-rng"):
         if name not in self.states_:
             # Megatron forks before seeding in some code paths (e.g. initialisation outside training).
-            self.add(name, abs(hash(name)) % (2**31))
+            # Seeded from the name by a fixed hash (str hash() is salted per process): the same on every run.
+            seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+            self.add(name, seed)
         outer = torch.get_rng_state()
         torch.set_rng_state(self.states_[name])
         try:

@@ -56,14 +56,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' tensors ``x`` of ``group`` concatenated along the last dimension, in group-rank order (the same
+    shape on every rank, e.g. tensor-parallel shards of the vocabulary or of channels). No autograd."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 def init_distributed(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
     """Create the default process group (if needed), Megatron-Core's parallel groups and its RNG states."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:  # before importing Megatron-Core: its import-time torch.compile must see TORCHDYNAMO_DISABLE
+        apply_cpu_shims()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        apply_cpu_shims()
     if not dist.is_initialized():
         backend = "nccl" if on_gpu else "gloo"
         if on_gpu:

@@ -12,8 +12,9 @@ from tqdm import tqdm
 from nemo_minitron.evaluation.loss import validation_loss
 from nemo_minitron.importance.depth import BlockInfluence, block_losses
 from nemo_minitron.importance.scores import ImportanceScores
-from nemo_minitron.importance.width import BATCH_AGGS, SEQ_AGGS, WidthCollector, unwrap
+from nemo_minitron.importance.width import BATCH_AGGS, SEQ_AGGS, WidthCollector
 from nemo_minitron.models.arch import ModelArch
+from nemo_minitron.models.build import unwrap
 from nemo_minitron.runtime.distributed import device
 
 DEPTH_METRICS = ("block_influence", "lm_loss_drop")
