@@ -317,7 +317,15 @@ def test_bridge_stages_equal_the_minitron_stages(tiny_hf_run_inputs, tmp_path):
     shutil.copytree(prepared, bridged)
     for stage in ("correct-teacher", "score", "prune", "distill"):
         minitron(stage, "--run", str(project), f"run_dir={project}")
-    for stage in ("correct-teacher", "score", "distill", "prune"):
+    for stage in ("correct-teacher", "score"):
+        bridge(stage, "--run", str(bridged), f"run_dir={bridged}")
+    # Keys the recipe lacks go to Bridge's ConfigContainer; a key neither has fails in one line naming it.
+    shown = bridge("distill", "--run", str(bridged), "--dry-run", "train.exit_interval=7", "distill.steps=9")
+    assert "exit_interval: 7" in shown and "train_iters: 9" in shown
+    with pytest.raises(AssertionError, match="no_such_key") as failure:
+        bridge("distill", "--run", str(bridged), "train.no_such_key=1")
+    assert "Traceback" not in str(failure.value)
+    for stage in ("distill", "prune"):
         bridge(stage, "--run", str(bridged), f"run_dir={bridged}")
     minitron("prune", "--run", str(bridged), f"run_dir={bridged}")  # the same students in the project's format
     run_distributed(_bridge_loads_pruned, 1, str(bridged))
@@ -415,3 +423,60 @@ def test_smollm2_recipe_through_bridge(tmp_path):
     assert results["distilled/width"]["val_loss"] < results["pruned/width"]["val_loss"] - 0.5
     history = json.loads((run_dir / "distilled" / "width" / "history.json").read_text())
     assert [e["step"] for e in history] == [1, 2, 3] and history[-1]["kd_loss"] < history[0]["kd_loss"]
+
+
+def _indexed_data_lm(rank, world_size, tmp):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from nemo_minitron.bridge.callbacks import HistoryCallback
+    from nemo_minitron.bridge.model import gpt_provider
+    from nemo_minitron.bridge.recipes import BridgeRun, container
+    from nemo_minitron.bridge.stages import launch
+    from nemo_minitron.config import TrainStageConfig
+    from nemo_minitron.distillation.forward_step import ForwardStep
+    from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(), seed=1)
+    generator = np.random.default_rng(0)
+    prefix = f"{tmp}/corpus_text_document"
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(400):  # documents of tokens 2..126, each ended by token 1
+        doc = np.append(generator.integers(2, 127, size=generator.integers(10, 40)), 1).astype(np.int32)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(prefix + ".idx")
+    with bridge_imports():
+        from megatron.bridge.training.config import GPTDatasetConfig
+
+    dataset = GPTDatasetConfig(random_seed=1, seq_length=16, blend=[[prefix], None], split="90,10,0",
+                               reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                               num_workers=0, dataloader_type="single", path_to_cache=f"{tmp}/cache")
+    batches = []
+
+    class Recording(ForwardStep):
+        def __call__(self, data_iterator, model):
+            batch = next(data_iterator)
+            batches.append(batch)
+            return super().__call__(iter([batch]), model)
+
+    history = HistoryCallback()
+    stage = TrainStageConfig(steps=3, micro_batch_size=2, global_batch_size=4, warmup_steps=1)
+    launch(BridgeRun(container(gpt_provider(TEACHER, seq_length=16), dataset, stage, seed=1), Recording(), [history]))
+    assert [e["step"] for e in history.history] == [1, 2, 3] and len(batches) == 6
+    for batch in batches:
+        tokens, labels = batch["tokens"], batch["labels"]
+        assert tokens.shape == (2, 16) and torch.equal(labels[:, :-1], tokens[:, 1:])
+        assert int(tokens.min()) >= 1 and int(tokens.max()) <= 126, tokens.tolist()
+    assert any((batch["tokens"] == 1).any() for batch in batches)  # windows run across document ends
+
+
+def bridge_imports():
+    from nemo_minitron.runtime.absent_imports import absent_imports
+
+    return absent_imports()
+
+
+def test_indexed_dataset_through_bridge_gpt_dataset(tmp_path):
+    """A Megatron indexed dataset through Bridge's GPTDatasetConfig (what the recipes use for `data.source` PREFIX):
+    ForwardStep reads Bridge's GPT batches (next-token labels, documents packed with their end token)."""
+    run_distributed(_indexed_data_lm, 1, str(tmp_path))

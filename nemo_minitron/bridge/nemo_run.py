@@ -48,5 +48,5 @@ def prune(recipe: str, overrides: list[str] | None = None) -> int:
 
 @run.cli.entrypoint(namespace="minitron", name="distill")
 def distill(recipe: str, overrides: list[str] | None = None) -> int:
-    """Prune each target and distill it from the teacher through Bridge's pretrain()."""
+    """Distill the student distill.student (pruned in the run from the scores) from the teacher in Bridge."""
     return _run_stage("distill", recipe, overrides)

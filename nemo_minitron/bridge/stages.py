@@ -19,7 +19,11 @@ def training_stage(stage: str, recipe: RecipeConfig, bridge_overrides=()) -> Bri
 
     run = TRAINING_STAGES[stage](recipe)
     if bridge_overrides:
-        process_config_with_overrides(run.config, cli_overrides=list(bridge_overrides))
+        try:
+            process_config_with_overrides(run.config, cli_overrides=list(bridge_overrides))
+        except Exception as err:  # Hydra's parser errors name the key; say which arguments went to Bridge
+            raise ValueError(f"Bridge overrides {list(bridge_overrides)} (keys the recipe does not have go to "
+                             f"Bridge's ConfigContainer): {err}") from None
     return run
 
 
