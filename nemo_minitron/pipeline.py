@@ -102,7 +102,7 @@ def _local_split(sequences: torch.Tensor) -> torch.Tensor:
     return sequences[rank * share:(rank + 1) * share]
 
 
-def _build_kwargs(recipe: RecipeConfig, local: bool = False) -> dict:
+def build_kwargs(recipe: RecipeConfig, local: bool = False) -> dict:
     """build_gpt_model's options from the recipe; scoring and pruning hook / slice the modules of the local
     (non-Transformer-Engine) layer spec, so they ask for it with ``local``."""
     impl = dict(transformer_impl="local") if local else dict(transformer_impl=recipe.model.transformer_impl,
@@ -111,10 +111,10 @@ def _build_kwargs(recipe: RecipeConfig, local: bool = False) -> dict:
 
 
 def _load(path: Path, recipe: RecipeConfig, local: bool = False):
-    """(model, arch) from a Megatron-Core checkpoint folder (see _build_kwargs for ``local``)."""
+    """(model, arch) from a Megatron-Core checkpoint folder (see build_kwargs for ``local``)."""
     from nemo_minitron.models.checkpoint import load_checkpoint
 
-    return load_checkpoint(path, **_build_kwargs(recipe, local))
+    return load_checkpoint(path, **build_kwargs(recipe, local))
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -162,7 +162,7 @@ def prepare(recipe: RecipeConfig) -> None:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         for target in recipe.prune.values():  # fail now, not after scoring
             validate_target(arch, target, tp_size=tp)
-        model = build_gpt_model(arch, **_build_kwargs(recipe))
+        model = build_gpt_model(arch, **build_kwargs(recipe))
         load_hf_state_dict(model, state_dict, arch)
         save_checkpoint(model, arch, run.teacher)
         log(f"[prepare] teacher {arch.num_parameters() / 1e6:.1f}M parameters -> {run.teacher}")

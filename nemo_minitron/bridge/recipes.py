@@ -28,7 +28,7 @@ from nemo_minitron.bridge.model import (ApplyPlan, AttachProjections, LoadWeight
 from nemo_minitron.config import RecipeConfig, TrainStageConfig
 from nemo_minitron.data.packing import indexed_dataset_prefix
 from nemo_minitron.distillation.forward_step import ForwardStep
-from nemo_minitron.pipeline import RunDir, _build_kwargs
+from nemo_minitron.pipeline import RunDir, build_kwargs
 from nemo_minitron.runtime.absent_imports import absent_imports
 
 with absent_imports():
@@ -87,10 +87,11 @@ def _provider(recipe: RecipeConfig, arch, local: bool = False):
     """The GPTModelProvider of ``arch`` for the recipe's layout (``local``: the local layer spec, which scoring
     hooks)."""
     p = recipe.parallel
-    return gpt_provider(arch, seq_length=recipe.data.seq_length, tensor_model_parallel_size=p.tensor_model_parallel_size,
+    return gpt_provider(arch, seq_length=recipe.data.seq_length,
+                        tensor_model_parallel_size=p.tensor_model_parallel_size,
                         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
                         params_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                        **_build_kwargs(recipe, local))
+                        **build_kwargs(recipe, local))
 
 
 def _dataset(recipe: RecipeConfig, run):
@@ -154,7 +155,7 @@ def distill_run(recipe: RecipeConfig) -> BridgeRun:
     teacher_dir = run.active_teacher()
     arch = checkpoint_arch(teacher_dir)
     model = pruned_provider(recipe, d.student)
-    teacher = TeacherFromCheckpoint(teacher_dir, params_dtype=model.params_dtype, **_build_kwargs(recipe))
+    teacher = TeacherFromCheckpoint(teacher_dir, params_dtype=model.params_dtype, **build_kwargs(recipe))
     model.register_pre_wrap_hook(teacher)
     intermediate = None
     if d.intermediate_pairs:

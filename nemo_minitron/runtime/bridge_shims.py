@@ -5,7 +5,8 @@ nothing else; on a CPU it also applies Megatron-Core's CPU shims (cpu_shims) and
 line of the one place Bridge assumes CUDA:
 1. ``initialize_megatron`` runs with ``allow_no_cuda=True`` (it asserts CUDA otherwise);
 2. Bridge modules that create tensors with ``device="cuda"`` (setup's start-time all-reduce, the data loaders'
-   flags, the training loop's loss reports, the evaluator, checkpointing) see a ``torch`` whose factories create them on the CPU;
+   flags, the training loop's loss reports, the evaluator, checkpointing) see a ``torch`` whose factories create
+   them on the CPU;
 3. ``torch.cuda`` calls the loop makes for memory reports and streams are harmless (``memory_allocated`` and
    ``max_memory_allocated`` return 0, ``reset_peak_memory_stats`` / ``empty_cache`` do nothing, ``Stream()`` and
    ``current_stream()`` are a stream whose ``wait_stream`` does nothing, ``stream(s)`` is a null context, the CUDA
