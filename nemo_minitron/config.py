@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ScoreConfig:
-    """Importance scoring on the calibration split (DESIGN.md section 3)."""
+    """Importance scoring on the calibration split (width statistics, depth metrics, block search)."""
 
     micro_batch_size: int = 4
     seq_agg: str = "mean"
