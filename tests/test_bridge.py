@@ -398,6 +398,9 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
     assert width.dist.distributed_backend == ("nccl" if gpu else "gloo")
     with pytest.raises(ValueError, match="stage: 'prune' is not a Bridge training stage"):
         recipes.llama31_8b_to_4b_width_config("prune", overrides)
+    with pytest.raises(ValueError, match="intermediate losses need pipeline_model_parallel_size=1, got 2"):
+        recipes.llama31_8b_to_4b_depth_config(overrides=[*overrides, "parallel.pipeline_model_parallel_size=2",
+                                                         "distill.intermediate_pairs=[[0,0]]"])
 
 
 @pytest.mark.slow

@@ -169,6 +169,7 @@ def distill_run(recipe: RecipeConfig) -> BridgeRun:
     loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k, chunk_size=d.chunk_size)
     forward_step = ForwardStep(teacher, loss, lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
                                fuse_output_layer=d.fuse_output_layer)
+    forward_step.check_layout(model.pipeline_model_parallel_size)
     save = SaveCheckpoint(arch, out, hf_tokenizer=run.tokenizer, export_hf=True)
     return BridgeRun(config, forward_step, [HistoryCallback(out / "history.json"), save])
 

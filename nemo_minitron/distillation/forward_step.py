@@ -67,6 +67,12 @@ class ForwardStep:
         self.teacher, self.kd_loss, self.lm_loss_weight = teacher, kd_loss, lm_loss_weight
         self.intermediate = intermediate
 
+    def check_layout(self, pipeline_model_parallel_size: int) -> None:
+        """ValueError unless this step runs under the layout: intermediate losses need PP=1."""
+        if self.intermediate is not None and pipeline_model_parallel_size > 1:
+            raise ValueError(f"intermediate losses need pipeline_model_parallel_size=1, got "
+                             f"{pipeline_model_parallel_size}")
+
     def __call__(self, data_iterator, model):
         from megatron.core import parallel_state
 

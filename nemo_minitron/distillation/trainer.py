@@ -153,7 +153,6 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     num_microbatches = cfg.num_microbatches(dp_size)
-    pipeline_parallel = parallel_state.get_pipeline_model_parallel_world_size() > 1
     if train_sequences.ndim != 2 or train_sequences.shape[1] < 2:
         raise ValueError(f"train_sequences must be [n, s + 1] with s >= 1, got shape {tuple(train_sequences.shape)}")
     if validation is not None and validation.shape[0] % (cfg.micro_batch_size * dp_size):
@@ -162,10 +161,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     if checkpoint_dir is not None and arch is None:
         raise ValueError("train: checkpoint_dir needs arch (the student's ModelArch, saved with its weights)")
     forward_step = ForwardStep() if forward_step is None else forward_step
+    forward_step.check_layout(parallel_state.get_pipeline_model_parallel_world_size())
     teacher, intermediate = forward_step.teacher, forward_step.intermediate
-    if intermediate is not None and pipeline_parallel:
-        raise ValueError("train: intermediate losses need pipeline_model_parallel_size=1, got "
-                         f"{parallel_state.get_pipeline_model_parallel_world_size()}")
     seq_length = train_sequences.shape[1] - 1
 
     config = model.config
