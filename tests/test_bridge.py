@@ -483,3 +483,12 @@ def test_indexed_dataset_through_bridge_gpt_dataset(tmp_path):
     """A Megatron indexed dataset through Bridge's GPTDatasetConfig (what the recipes use for `data.source` PREFIX):
     ForwardStep reads Bridge's GPT batches (next-token labels, documents packed with their end token)."""
     run_distributed(_indexed_data_lm, 1, str(tmp_path))
+
+
+def test_provider_carries_llama3_rope_scaling():
+    """Bridge builds the same RoPE as build_gpt_model: Llama-3.x scaling on or off with the arch."""
+    from nemo_minitron.bridge.model import gpt_provider
+
+    scaled = gpt_provider(TEACHER.replace(rope_scaling_factor=32.0), seq_length=16)
+    plain = gpt_provider(TEACHER, seq_length=16)
+    assert (scaled.rope_scaling, scaled.rope_scaling_factor, plain.rope_scaling) == (True, 32.0, False)

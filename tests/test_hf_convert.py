@@ -167,3 +167,41 @@ def _distributed_checks(rank, world_size):
 
 def test_tp2_logits_and_pp2_loss_match_hf():
     run_distributed(_distributed_checks, 2)
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+def test_llama3_rope_scaling_converts_and_matches_hf(single_process):
+    """Llama-3.1's RoPE (rope_type llama3, theta 5e5) on a shape-alike miniature: Megatron's logits equal HF's over
+    64 positions, a model without the scaling does not, and the scaling survives export."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=16384,
+                         rope_theta=5e5, rope_scaling=dict(LLAMA3_SCALING), rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, initializer_range=0.1, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    arch = arch_from_hf_config(hf.config)
+    assert arch.rope_scaling_factor == 8.0 and arch.rotary_base == 5e5 and arch.num_query_groups == 1
+    tokens = torch.randint(0, arch.vocab_size, (2, 64))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    models = {}
+    for name, a in (("scaled", arch), ("plain", arch.replace(rope_scaling_factor=None))):
+        models[name] = build_gpt_model(a)
+        load_hf_state_dict(models[name], hf.state_dict(), a)
+    assert (forward_logits(models["scaled"], tokens).detach() - expected).abs().max() < 1e-4
+    assert (forward_logits(models["plain"], tokens).detach() - expected).abs().max() > 1e-3
+    assert arch_from_hf_config(hf_config_from_arch(arch)) == arch
+
+
+def test_llama3_rope_scaling_megatron_cannot_compute_is_rejected():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16384,
+                         rope_scaling={**LLAMA3_SCALING, "low_freq_factor": 2.0})
+    with pytest.raises(ValueError, match="low_freq_factor"):
+        arch_from_hf_config(config)

@@ -37,7 +37,8 @@ def gpt_provider(arch: ModelArch, *, seq_length: int, tensor_model_parallel_size
     return GPTModelProvider(
         **kwargs, transformer_layer_spec=layer_spec, vocab_size=arch.vocab_size, should_pad_vocab=False,
         seq_length=seq_length, share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope", rotary_base=int(arch.rotary_base), calculate_per_token_loss=True)
+        position_embedding_type="rope", rotary_base=int(arch.rotary_base), calculate_per_token_loss=True,
+        rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0)
 
 
 def checkpoint_arch(directory: str | Path) -> ModelArch:

@@ -26,6 +26,9 @@ class ModelArch:
     norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = True
     add_qkv_bias: bool = False  # Qwen2
+    # Llama-3.x RoPE scaling (rope_type "llama3"): the factor; its low / high frequency factors 1 / 4 and original
+    # context of 8192 positions are the ones Megatron-Core computes with. None: plain RoPE.
+    rope_scaling_factor: float | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",

@@ -50,6 +50,8 @@ def build_gpt_model(arch: ModelArch, *, transformer_impl: str = "local", fp8: st
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
     return model.to(device())
 

@@ -37,13 +37,32 @@ _LAYER_MAP = {
 _LAYER_PARAM = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
-def _rope_theta_and_type(hf_config) -> tuple[float, str]:
-    """(rope_theta, rope_type) from ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling`` (4.x)."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or scaling.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), rope_type
+# Llama-3.x RoPE scaling as Megatron-Core computes it (RotaryEmbedding._apply_scaling): only the factor varies.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope(hf_config) -> tuple[float, str, dict]:
+    """(rope_theta, rope_type, all RoPE settings) from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
+    ``rope_scaling`` (4.x)."""
+    params = {**dict(getattr(hf_config, "rope_scaling", None) or {}),
+              **dict(getattr(hf_config, "rope_parameters", None) or {})}
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    return float(theta), rope_type, params
+
+
+def _rope_scaling_factor(rope_type: str, params: dict) -> float | None:
+    """ModelArch.rope_scaling_factor of the HF RoPE settings; ValueError for a scaling Megatron-Core cannot run."""
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ValueError(f"hf_config rope_type (rope_parameters / rope_scaling) must be 'default', 'llama3' or "
+                         f"none, got {rope_type!r}")
+    for field, value in LLAMA3_ROPE.items():
+        if float(params.get(field, value)) != value:
+            raise ValueError(f"hf_config rope_scaling.{field} must be {value} for rope_type 'llama3' (what "
+                             f"Megatron-Core computes), got {params[field]!r}")
+    return float(params["factor"])
 
 
 def arch_from_hf_config(hf_config) -> ModelArch:
@@ -54,10 +73,8 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         raise ValueError(f"hf_config.model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if hf_config.hidden_act != "silu":
         raise ValueError(f"hf_config.hidden_act must be 'silu', got {hf_config.hidden_act!r}")
-    theta, rope_type = _rope_theta_and_type(hf_config)
-    if rope_type != "default":
-        raise ValueError(f"hf_config rope_type (rope_parameters / rope_scaling) must be 'default' or none, "
-                         f"got {rope_type!r}")
+    theta, rope_type, rope_params = _rope(hf_config)
+    rope_scaling_factor = _rope_scaling_factor(rope_type, rope_params)
     for field in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, field, False):
             raise ValueError(f"hf_config.{field} must be False, got True")
@@ -80,6 +97,7 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         norm_epsilon=hf_config.rms_norm_eps,
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         add_qkv_bias=model_type == "qwen2",
+        rope_scaling_factor=rope_scaling_factor,
     )
 
 
@@ -107,6 +125,8 @@ def hf_config_from_arch(arch: ModelArch, model_type: str = "llama"):
         rope_theta=arch.rotary_base,
         tie_word_embeddings=arch.tie_word_embeddings,
     )
+    if arch.rope_scaling_factor is not None:
+        common["rope_scaling"] = {"rope_type": "llama3", "factor": arch.rope_scaling_factor, **LLAMA3_ROPE}
     if model_type == "llama":
         return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
     if model_type == "mistral":
