@@ -234,8 +234,8 @@ def test_sbatch_bridge_dry_run(tmp_path):
     proc, calls, submit = run_sbatch(tmp_path, "extra.key=1", "train.eval_iters=4", IMAGE="registry/nemo-minitron:1")
     assert proc.returncode == 0, proc.stderr
     header = sbatch_header(SBATCH_BRIDGE)
-    assert [split_srun(argv)[2][3] for argv, _ in calls] == ["score", "distill"], "default STAGES, in order"
-    for (argv, env), stage in zip(calls, ("score", "distill")):
+    assert [split_srun(argv)[2][3] for argv, _ in calls] == ["run"], "default STAGES: the whole recipe"
+    for (argv, env), stage in zip(calls, ("run",)):
         options, wrapper, command = split_srun(argv)
         assert options["--container-image"] == "registry/nemo-minitron:1"
         assert options["--container-mounts"] == f"/checkpoints,/data,{submit}:/workspace/run"
