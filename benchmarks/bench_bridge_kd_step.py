@@ -57,7 +57,7 @@ def _bridge_steps(stage: TrainStageConfig, teacher_dir: str, data: str) -> list[
     model = gpt_provider(ARCH, seq_length=SEQ)
     teacher = TeacherFromCheckpoint(teacher_dir)
     model.register_pre_wrap_hook(teacher)
-    dataset = PackedSequences(train_path=data, seed=0, num_workers=0, pin_memory=False, dataloader_type="single")
+    dataset = PackedSequences(train_path=data, seed=0)
     config = container(model, dataset, stage, seed=1)
     config.logger.log_interval = STEPS  # one log line per run, as the trainer prints none
     history = HistoryCallback()

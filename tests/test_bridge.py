@@ -64,8 +64,7 @@ def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=No
         hooks.append(AttachProjections(forward_step.intermediate, teacher, seed=7))
     for hook in hooks:
         model.register_pre_wrap_hook(hook)
-    dataset = PackedSequences(train_path=f"{tmp}/train.pt", seed=7, num_workers=0, pin_memory=False,
-                              dataloader_type="single")
+    dataset = PackedSequences(train_path=f"{tmp}/train.pt", seed=7)
     config = container(model, dataset, stage, seed=1234, checkpoint_dir=checkpoint_dir)
     config.train.exit_interval = exit_interval
     history = HistoryCallback(history_path)
@@ -192,8 +191,7 @@ def _importance_equals_engine(rank, world_size, tmp):
 
     model = gpt_provider(TEACHER, seq_length=16, tensor_model_parallel_size=world_size)
     model.register_pre_wrap_hook(LoadWeights(f"{tmp}/teacher"))
-    dataset = PackedSequences(train_path=f"{tmp}/calibration.pt", validation_path=f"{tmp}/calibration.pt",
-                              num_workers=0, pin_memory=False, dataloader_type="single")
+    dataset = PackedSequences(train_path=f"{tmp}/calibration.pt", validation_path=f"{tmp}/calibration.pt")
     batches = TrainStageConfig(steps=1, micro_batch_size=2, global_batch_size=2, warmup_steps=0)
     config = container(model, dataset, batches, seed=1234, eval_iters=4, skip_train=True)
     callback = ImportanceCallback(TEACHER, f"{tmp}/scores", validation=validation, micro_batch_size=2, **options)

@@ -3,7 +3,7 @@ order of the project trainer (data/order.py), so both loops see the same global 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,11 @@ class PackedSequences(DatasetProvider):
     validation_path: str | None = None
     seed: int = 1234
     seq_length: int = 0  # filled from the tensors; kept so Bridge's data-loader checks can read it
+    # Bridge's data-loader settings, for tensors already in memory: no worker processes, Megatron's sequential
+    # sampler (the order is the dataset's), pinned memory only where there is a GPU to copy to.
+    num_workers: int = 0
+    dataloader_type: str = "single"
+    pin_memory: bool = field(default_factory=torch.cuda.is_available)
 
     def build_datasets(self, context):
         train = _load(self.train_path)

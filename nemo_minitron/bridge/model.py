@@ -13,7 +13,7 @@ from nemo_minitron.distillation.intermediate import IntermediateLoss
 from nemo_minitron.distillation.teacher import Teacher
 from nemo_minitron.models.arch import ModelArch, transformer_config_kwargs
 from nemo_minitron.models.build import layer_spec
-from nemo_minitron.models.checkpoint import ARCH_FILE, load_checkpoint
+from nemo_minitron.models.checkpoint import load_checkpoint
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.pruning.apply import apply_plan
 from nemo_minitron.pruning.plan import PrunePlan, PruneTarget, make_plan
@@ -39,14 +39,6 @@ def gpt_provider(arch: ModelArch, *, seq_length: int, tensor_model_parallel_size
         seq_length=seq_length, share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope", rotary_base=int(arch.rotary_base), calculate_per_token_loss=True,
         rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0)
-
-
-def checkpoint_arch(directory: str | Path) -> ModelArch:
-    """The ModelArch saved with a nemo-minitron checkpoint."""
-    path = Path(directory) / ARCH_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a nemo-minitron checkpoint: {ARCH_FILE} is missing")
-    return ModelArch.load(path)
 
 
 class LoadWeights:

@@ -23,11 +23,11 @@ import torch
 
 from nemo_minitron.bridge.callbacks import HistoryCallback, ImportanceCallback, SaveCheckpoint
 from nemo_minitron.bridge.data import PackedSequences
-from nemo_minitron.bridge.model import (ApplyPlan, AttachProjections, LoadWeights, TeacherFromCheckpoint,
-                                         checkpoint_arch, gpt_provider)
+from nemo_minitron.bridge.model import ApplyPlan, AttachProjections, LoadWeights, TeacherFromCheckpoint, gpt_provider
 from nemo_minitron.config import RecipeConfig, TrainStageConfig
 from nemo_minitron.data.packing import indexed_dataset_prefix
 from nemo_minitron.distillation.forward_step import ForwardStep
+from nemo_minitron.models.checkpoint import load_arch
 from nemo_minitron.pipeline import RunDir, build_kwargs
 from nemo_minitron.runtime.absent_imports import absent_imports
 
@@ -48,11 +48,12 @@ def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_
               eval_iters: int = 0, skip_train: bool = False, tokenizer=None):
     """ConfigContainer training ``model`` (a GPTModelProvider) on ``dataset`` with ``train``'s settings: Adam
     (beta 0.9 / 0.95), linear warmup from 0 then cosine decay to min_lr over the run, constant weight decay,
-    gradient clipping; per-token loss normalisation. checkpoint_dir: Bridge checkpoints every
+    gradient clipping; per-token loss normalisation; bf16 mixed precision (fp32 master weights) when the model's
+    params_dtype is bf16. checkpoint_dir: Bridge checkpoints every
     train.save_interval steps (0: at the end) and resume from there. eval_iters: validation batches per
     evaluation (every train.eval_interval steps, 0: at the end only)."""
     gpu = torch.cuda.is_available()
-    precision = dict(bf16=True, params_dtype=torch.bfloat16) if gpu else dict(bf16=False, params_dtype=torch.float32)
+    bf16 = model.params_dtype == torch.bfloat16
     checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
     return bridge_config.ConfigContainer(
         train=bridge_config.TrainingConfig(
@@ -62,8 +63,8 @@ def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_
         model=model,
         optimizer=bridge_config.OptimizerConfig(
             optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
-            clip_grad=train.clip_grad, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, fp16=False,
-            use_distributed_optimizer=gpu, **precision),
+            clip_grad=train.clip_grad, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, fp16=False, bf16=bf16,
+            params_dtype=model.params_dtype, use_distributed_optimizer=gpu),
         scheduler=bridge_config.SchedulerConfig(
             lr_decay_style="cosine", lr_warmup_iters=train.warmup_steps, lr_decay_iters=train.steps,
             lr_warmup_init=0.0, start_weight_decay=train.weight_decay, end_weight_decay=train.weight_decay,
@@ -79,7 +80,7 @@ def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_
             ckpt_format="torch_dist"),
         dist=bridge_config.DistributedInitConfig(distributed_backend="nccl" if gpu else "gloo"),
         rng=bridge_config.RNGConfig(seed=seed),
-        mixed_precision="bf16_mixed" if gpu else None,
+        mixed_precision="bf16_mixed" if bf16 else None,
     )
 
 
@@ -100,8 +101,7 @@ def _dataset(recipe: RecipeConfig, run):
     prefix = indexed_dataset_prefix(recipe.data.source)
     if prefix is None:
         return PackedSequences(train_path=str(run.data / "train.pt"),
-                               validation_path=str(run.data / "validation.pt"), seed=recipe.data.seed,
-                               num_workers=0, pin_memory=torch.cuda.is_available(), dataloader_type="single"), None
+                               validation_path=str(run.data / "validation.pt"), seed=recipe.data.seed), None
     dataset = bridge_config.GPTDatasetConfig(
         random_seed=recipe.data.seed, seq_length=recipe.data.seq_length, blend=[[prefix], None], split="99,1,0",
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, num_workers=2,
@@ -112,10 +112,9 @@ def _dataset(recipe: RecipeConfig, run):
 def correct_run(recipe: RecipeConfig) -> BridgeRun:
     """Teacher correction through Bridge: the teacher, loaded from the run folder, fine-tuned with the LM loss;
     the result is saved to the run folder's teacher_corrected/ (the project's checkpoint format)."""
-
     run = RunDir(recipe.run_dir)
     teacher_dir = run.require(run.teacher, "prepare")
-    arch = checkpoint_arch(teacher_dir)
+    arch = load_arch(teacher_dir)
     model = _provider(recipe, arch)
     model.register_pre_wrap_hook(LoadWeights(teacher_dir))
     dataset, tokenizer = _dataset(recipe, run)
@@ -127,15 +126,15 @@ def correct_run(recipe: RecipeConfig) -> BridgeRun:
 
 def pruned_provider(recipe: RecipeConfig, target: str):
     """The GPTModelProvider of the student ``target`` (a key of recipe.prune): built as the run's (corrected)
-    teacher, then loaded and pruned in place by pre-wrap hooks with the plan made from the run's scores; the
-    ApplyPlan hook is the provider's ``prune_hook``."""
+    teacher, then loaded and pruned in place by pre-wrap hooks (LoadWeights, ApplyPlan) with the plan made from the
+    run's scores."""
     from nemo_minitron.importance.scores import ImportanceScores
 
     run = RunDir(recipe.run_dir)
     if target not in recipe.prune:
         raise ValueError(f"distill.student: {target!r} is not a prune target; allowed: {sorted(recipe.prune)}")
     teacher_dir = run.active_teacher()
-    arch = checkpoint_arch(teacher_dir)
+    arch = load_arch(teacher_dir)
     scores = ImportanceScores.load(run.require(run.scores, "score"))
     model = _provider(recipe, arch)
     model.register_pre_wrap_hook(LoadWeights(teacher_dir))
@@ -153,7 +152,7 @@ def distill_run(recipe: RecipeConfig) -> BridgeRun:
     run = RunDir(recipe.run_dir)
     d = recipe.distill
     teacher_dir = run.active_teacher()
-    arch = checkpoint_arch(teacher_dir)
+    arch = load_arch(teacher_dir)
     model = pruned_provider(recipe, d.student)
     teacher = TeacherFromCheckpoint(teacher_dir, params_dtype=model.params_dtype, **build_kwargs(recipe))
     model.register_pre_wrap_hook(teacher)
@@ -178,17 +177,15 @@ def score_run(recipe: RecipeConfig) -> BridgeRun:
     """Importance scoring through Bridge: an evaluation-only run over the calibration split whose passes feed the
     ImportanceCallback; the loss-based depth metrics use score.num_validation validation sequences. Writes the
     run folder's scores/ (what `minitron prune` reads)."""
-
     run = RunDir(recipe.run_dir)
     s = recipe.score
     teacher_dir = run.active_teacher()
-    arch = checkpoint_arch(teacher_dir)
+    arch = load_arch(teacher_dir)
     model = _provider(recipe, arch, local=True)
     model.register_pre_wrap_hook(LoadWeights(teacher_dir))
     calibration = run.split("calibration")
     dataset = PackedSequences(train_path=str(run.data / "calibration.pt"),
-                              validation_path=str(run.data / "calibration.pt"), seed=recipe.data.seed,
-                              num_workers=0, pin_memory=torch.cuda.is_available(), dataloader_type="single")
+                              validation_path=str(run.data / "calibration.pt"), seed=recipe.data.seed)
     batches = TrainStageConfig(steps=1, micro_batch_size=s.micro_batch_size, global_batch_size=s.micro_batch_size,
                                warmup_steps=0)
     config = container(model, dataset, batches, seed=recipe.data.seed,

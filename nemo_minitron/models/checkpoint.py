@@ -31,17 +31,24 @@ def save_checkpoint(model, arch: ModelArch, directory: str | Path) -> Path:
     return directory
 
 
+def load_arch(directory: str | Path) -> ModelArch:
+    """The ModelArch saved with a checkpoint (its arch.json)."""
+    path = Path(directory) / ARCH_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a nemo-minitron checkpoint: {ARCH_FILE} is missing")
+    return ModelArch.load(path)
+
+
 def load_checkpoint(directory: str | Path, **build_kwargs):
     """(model, arch): build the model from ``directory``/arch.json under the current parallel state (TP / PP may
     differ from the saving run) and load its weights. ``build_kwargs`` go to build_gpt_model."""
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    if not (directory / ARCH_FILE).is_file() or not dist_checkpointing.check_is_distributed_checkpoint(
-            str(directory)):
+    arch = load_arch(directory)
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
         raise FileNotFoundError(f"{directory} is not a nemo-minitron checkpoint: it needs {ARCH_FILE} and a "
                                 "Megatron-Core dist checkpoint (metadata.json), as written by save_checkpoint")
-    arch = ModelArch.load(directory / ARCH_FILE)
     model = build_gpt_model(arch, **build_kwargs)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
     model.load_state_dict(state)
