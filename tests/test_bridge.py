@@ -371,7 +371,8 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
     from nemo_minitron.bridge import recipes
     from nemo_minitron.bridge.model import ApplyPlan
 
-    arch = TEACHER.replace(num_layers=32, num_attention_heads=8, num_query_groups=8, kv_channels=8, ffn_hidden_size=128)
+    arch = ModelArch(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                     num_query_groups=8, vocab_size=128256, kv_channels=128, rope_scaling_factor=8.0)  # Llama-3.1-8B
     _prepared_run(tmp_path, arch)
     overrides = [f"run_dir={tmp_path}", f"model.source={tmp_path}", "model.transformer_impl=local"]
     with monkeypatch.context() as patch:
@@ -396,6 +397,8 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
     assert width.dist.distributed_backend == ("nccl" if gpu else "gloo")
     with pytest.raises(ValueError, match="stage: 'prune' is not a Bridge training stage"):
         recipes.llama31_8b_to_4b_width_config("prune", overrides)
+    with pytest.raises(ValueError, match=r"prune.hidden_size must be an integer in \[1, 4096\]"):
+        recipes.llama31_8b_to_4b_width_config(overrides=[*overrides, "prune.width.hidden_size=5000"])
     with pytest.raises(ValueError, match="intermediate losses need pipeline_model_parallel_size=1, got 2"):
         recipes.llama31_8b_to_4b_depth_config(overrides=[*overrides, "parallel.pipeline_model_parallel_size=2",
                                                          "distill.intermediate_pairs=[[0,0]]"])

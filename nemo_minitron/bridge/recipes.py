@@ -127,8 +127,9 @@ def correct_run(recipe: RecipeConfig) -> BridgeRun:
 def pruned_provider(recipe: RecipeConfig, target: str):
     """The GPTModelProvider of the student ``target`` (a key of recipe.prune): built as the run's (corrected)
     teacher, then loaded and pruned in place by pre-wrap hooks (LoadWeights, ApplyPlan) with the plan made from the
-    run's scores."""
+    run's scores. The target is checked against the teacher and the scores here, before Bridge starts."""
     from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.pruning.plan import validate
 
     run = RunDir(recipe.run_dir)
     if target not in recipe.prune:
@@ -136,6 +137,7 @@ def pruned_provider(recipe: RecipeConfig, target: str):
     teacher_dir = run.active_teacher()
     arch = load_arch(teacher_dir)
     scores = ImportanceScores.load(run.require(run.scores, "score"))
+    validate(arch, recipe.prune[target], recipe.parallel.tensor_model_parallel_size, scores)
     model = _provider(recipe, arch)
     model.register_pre_wrap_hook(LoadWeights(teacher_dir))
     model.register_pre_wrap_hook(ApplyPlan(arch, scores, recipe.prune[target]))
