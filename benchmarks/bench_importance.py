@@ -46,7 +46,8 @@ def measure(rank: int, world_size: int, results) -> None:
         return time.process_time() - start
 
     plain = lambda: validation_loss(model, data, MICRO_BATCH_SIZE)  # noqa: E731
-    scoring = lambda: compute_importance(model, ARCH, data, micro_batch_size=MICRO_BATCH_SIZE)  # noqa: E731
+    scoring = lambda: compute_importance(model, ARCH, data, seq_length=SEQ_LENGTH,
+                                          micro_batch_size=MICRO_BATCH_SIZE)  # noqa: E731
     plain(), scoring()  # warm-up
     ratios, plain_s, scoring_s = [], [], []
     for _ in range(REPEATS):  # interleaved pairs; the median ratio resists the noise of a shared machine

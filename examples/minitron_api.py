@@ -31,8 +31,8 @@ def main():
     calibration, validation, train_split = data[:8], data[8:16], data[16:]
 
     # 1. Importance of every width axis and of layers, from forward passes only.
-    scores = compute_importance(teacher, arch, calibration, validation, depth_metrics=("block_influence",),
-                                block_sizes=(2,))
+    scores = compute_importance(teacher, arch, calibration, validation, seq_length=32,
+                                depth_metrics=("block_influence",), block_sizes=(2,))
     # 2. Prune a copy of the teacher: half the hidden channels and MLP neurons, one head per KV group.
     student = build_gpt_model(arch)
     student.load_state_dict(teacher.state_dict())

@@ -202,7 +202,8 @@ def score(recipe: RecipeConfig) -> None:
         validation = run.split("validation")[: s.num_validation]
         scores = compute_importance(
             model, arch, _local_split(run.split("calibration")), _local_split(validation),
-            micro_batch_size=s.micro_batch_size, seq_agg=s.seq_agg, batch_agg=s.batch_agg,
+            seq_length=recipe.data.seq_length, micro_batch_size=s.micro_batch_size, seq_agg=s.seq_agg,
+            batch_agg=s.batch_agg,
             depth_metrics=tuple(s.depth_metrics), block_sizes=tuple(s.block_sizes),
         )
         if is_rank0():

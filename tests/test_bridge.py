@@ -187,7 +187,8 @@ def _importance_equals_engine(rank, world_size, tmp):
     options = dict(seq_agg="var", batch_agg="mean", depth_metrics=("block_influence", "lm_loss_drop"),
                    block_sizes=(1,))
     teacher, _ = load_checkpoint(f"{tmp}/teacher")
-    expected = compute_importance(teacher, TEACHER, calibration, validation, micro_batch_size=2, **options)
+    expected = compute_importance(teacher, TEACHER, calibration, validation, seq_length=16, micro_batch_size=2,
+                                  **options)
 
     model = gpt_provider(TEACHER, seq_length=16, tensor_model_parallel_size=world_size)
     model.register_pre_wrap_hook(LoadWeights(f"{tmp}/teacher"))

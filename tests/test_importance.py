@@ -79,7 +79,7 @@ def test_width_scores_match_full_tensor_reference(tiny_arch, single_process, seq
     calibration = _tokens(6, 12, tiny_arch.vocab_size, seed=1)
     acts = _capture(model, calibration, micro_batch_size=2)
     assert len(acts["norm"]) == 2 * tiny_arch.num_layers
-    scores = compute_importance(model, tiny_arch, calibration, micro_batch_size=2, seq_agg=seq_agg,
+    scores = compute_importance(model, tiny_arch, calibration, seq_length=12, micro_batch_size=2, seq_agg=seq_agg,
                                 batch_agg=batch_agg, depth_metrics=())
     for axis, expected in _reference_width(acts, tiny_arch, seq_agg, batch_agg).items():
         assert getattr(scores, axis).dtype == torch.float32
@@ -105,7 +105,7 @@ def test_block_influence_and_calibration_loss(tiny_arch, single_process):
     model = _model(tiny_arch)
     calibration = _tokens(4, 12, tiny_arch.vocab_size, seed=2)
     acts = _capture(model, calibration, micro_batch_size=2)
-    scores = compute_importance(model, tiny_arch, calibration, micro_batch_size=2)
+    scores = compute_importance(model, tiny_arch, calibration, seq_length=12, micro_batch_size=2)
     for i in range(tiny_arch.num_layers):
         h_in, h_out = acts["layer_in"][i], acts["layer_out"][i]
         cos = (h_in * h_out).sum(-1) / (h_in.norm(dim=-1) * h_out.norm(dim=-1))
@@ -159,7 +159,7 @@ def test_loss_drop_and_block_search_match_manual_forward(tiny_arch, single_proce
     model = _model(arch)
     calibration = _tokens(2, 12, arch.vocab_size, seed=4)
     validation = _tokens(4, 12, arch.vocab_size, seed=5)
-    scores = compute_importance(model, arch, calibration, validation, micro_batch_size=2,
+    scores = compute_importance(model, arch, calibration, validation, seq_length=12, micro_batch_size=2,
                                 depth_metrics=("block_influence", "lm_loss_drop"), block_sizes=(2, 3))
     baseline = _manual_loss(model, validation, [0, 1, 2])
     assert abs(scores.meta["validation_loss"] - baseline) < 1e-5
@@ -183,6 +183,7 @@ def test_loss_drop_and_block_search_match_manual_forward(tiny_arch, single_proce
     (dict(block_sizes=(1,)), "validation"),
     (dict(depth_metrics=("lm_loss_drop",)), "validation"),
     (dict(micro_batch_size=3), "calibration"),
+    (dict(seq_length=9), "rows have 9 tokens, but windows of seq_length=9 have 10"),  # plain rows [n, s]
     (dict(micro_batch_size=0), "micro_batch_size"),
     (dict(arch_changes=dict(hidden_size=32)), "arch.hidden_size"),
 ])
@@ -196,7 +197,7 @@ def test_bad_options_raise_before_any_forward(tiny_arch, single_process, changes
     changes = dict(changes)
     arch = tiny_arch.replace(**changes.pop("arch_changes", {}))
     with pytest.raises(ValueError, match=re.escape(field)):
-        compute_importance(model, arch, _tokens(4, 8, tiny_arch.vocab_size, seed=6), **{"micro_batch_size": 2,
+        compute_importance(model, arch, _tokens(4, 8, tiny_arch.vocab_size, seed=6), **{"micro_batch_size": 2, "seq_length": 8,
                                                                                           **changes})
 
 
@@ -253,7 +254,8 @@ def _parallel_worker(rank, world_size, arch, state, calibration, references):
         shares = calibration.chunk(parallel_state.get_data_parallel_world_size())
         share = shares[parallel_state.get_data_parallel_rank()]
         for (seq_agg, batch_agg), expected in references.items():
-            scores = compute_importance(model, arch, share, micro_batch_size=2, seq_agg=seq_agg, batch_agg=batch_agg)
+            scores = compute_importance(model, arch, share, seq_length=12, micro_batch_size=2, seq_agg=seq_agg,
+                                        batch_agg=batch_agg)
             where = f"TP={tp} PP={pp} rank {rank} {seq_agg}/{batch_agg}"
             for axis in ("hidden", "ffn", "heads", "groups"):
                 _assert_close(getattr(scores, axis), getattr(expected, axis), f"{where} {axis}")
@@ -265,7 +267,7 @@ def _parallel_worker(rank, world_size, arch, state, calibration, references):
 def test_tp2_pp2_dp2_equal_single_process(tiny_arch, single_process):
     model = _model(tiny_arch)
     calibration = _tokens(8, 12, tiny_arch.vocab_size, seed=8)
-    references = {agg: compute_importance(model, tiny_arch, calibration, micro_batch_size=2, seq_agg=agg[0],
+    references = {agg: compute_importance(model, tiny_arch, calibration, seq_length=12, micro_batch_size=2, seq_agg=agg[0],
                                           batch_agg=agg[1]) for agg in (("mean", "l2"), ("var", "var"))}
     state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     run_distributed(_parallel_worker, 2, tiny_arch, state, calibration, references)

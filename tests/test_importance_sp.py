@@ -20,11 +20,12 @@ def _sp_worker(rank, world_size, arch, state, calibration, validation, reference
     model = build_gpt_model(arch, sequence_parallel=True).eval()
     _load_full_state(model, state)
     with pytest.raises(ValueError, match="calibration: seq_length=11 must be a multiple of tensor_model_parallel"):
-        compute_importance(model, arch, calibration[:, 1:], micro_batch_size=2)  # fails before any forward
+        compute_importance(model, arch, calibration[:, 1:], seq_length=11, micro_batch_size=2)  # before any forward
     norm_rows = []  # the hooked norm outputs must really be sequence-sharded
     model.decoder.layers[0].input_layernorm.register_forward_hook(lambda m, a, o: norm_rows.append(o.shape[0]))
     for (seq_agg, batch_agg), expected in references.items():
-        scores = compute_importance(model, arch, calibration, validation, micro_batch_size=2, seq_agg=seq_agg,
+        scores = compute_importance(model, arch, calibration, validation, seq_length=SEQ_LENGTH, micro_batch_size=2,
+                                    seq_agg=seq_agg,
                                     batch_agg=batch_agg, **DEPTH)
         where = f"TP=2 SP rank {rank} {seq_agg}/{batch_agg}"
         for axis in ("hidden", "ffn", "heads", "groups"):
@@ -43,7 +44,8 @@ def test_sequence_parallel_tp2_equals_tp1(tiny_arch, single_process):
     model = _model(arch)
     calibration = _tokens(4, SEQ_LENGTH, arch.vocab_size, seed=11)
     validation = _tokens(2, SEQ_LENGTH, arch.vocab_size, seed=12)
-    references = {agg: compute_importance(model, arch, calibration, validation, micro_batch_size=2, seq_agg=agg[0],
+    references = {agg: compute_importance(model, arch, calibration, validation, seq_length=SEQ_LENGTH, micro_batch_size=2,
+                                          seq_agg=agg[0],
                                           batch_agg=agg[1], **DEPTH) for agg in AGGREGATIONS}
     # batch var well above the comparison's atol, so the var/var check is sharp
     assert references[("var", "var")].hidden.min() > 1e-6

@@ -131,7 +131,10 @@ class ForwardStep:
             else:
                 kd_sum = total = self.kd_loss(output, targets, loss_mask).float().sum()
                 if report_lm:
-                    lm_sum = (vocab_parallel_cross_entropy(output.float(), labels) * loss_mask).sum()
+                    # Megatron's cross-entropy works in place on its input: a copy, never the logits the KD loss
+                    # saved for its backward.
+                    logits = output.to(torch.float32, copy=True)
+                    lm_sum = (vocab_parallel_cross_entropy(logits, labels) * loss_mask).sum()
                     total = total + lm_loss_weight * lm_sum
             report = {"kd loss": _report(kd_sum, count)}
             if lm_sum is not None:

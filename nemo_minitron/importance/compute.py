@@ -20,15 +20,21 @@ from nemo_minitron.runtime.distributed import device
 DEPTH_METRICS = ("block_influence", "lm_loss_drop")
 
 
-def _check_sequences(name: str, sequences, micro_batch_size: int, sequence_shards: int) -> None:
+def _check_sequences(name: str, sequences, seq_length: int, micro_batch_size: int, sequence_shards: int) -> None:
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype.is_floating_point:
         raise ValueError(f"importance.{name} must be an integer token tensor [n, seq_length + 1]")
     n, length = sequences.shape
-    if n == 0 or n % micro_batch_size or length < 2:
+    if length != seq_length + 1:
+        raise ValueError(
+            f"importance.{name} rows have {length} tokens, but windows of seq_length={seq_length} have "
+            f"{seq_length + 1}: the last token of a window is only the label of the one before and is never fed "
+            f"to the model; pass windows [n, seq_length + 1] as the data stage writes them (rows of plain tokens "
+            f"[n, s] are windows of seq_length=s-1, whose last token is then only a label)")
+    if n == 0 or n % micro_batch_size:
         raise ValueError(f"importance.{name}: need a positive multiple of micro_batch_size={micro_batch_size} "
-                         f"sequences of at least 2 tokens, got shape {tuple(sequences.shape)}")
-    if (length - 1) % sequence_shards:
-        raise ValueError(f"importance.{name}: seq_length={length - 1} must be a multiple of "
+                         f"sequences, got {n}")
+    if seq_length % sequence_shards:
+        raise ValueError(f"importance.{name}: seq_length={seq_length} must be a multiple of "
                          f"tensor_model_parallel_size={sequence_shards} under sequence parallelism")
 
 
@@ -55,15 +61,18 @@ def validate_options(model, arch: ModelArch, micro_batch_size, seq_agg, batch_ag
                              f"{getattr(config, field)}")
 
 
-def _validate_sequences(model, calibration, validation, micro_batch_size, depth_metrics, block_sizes) -> None:
+def _validate_sequences(model, calibration, validation, seq_length, micro_batch_size, depth_metrics,
+                        block_sizes) -> None:
+    if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 1:
+        raise ValueError(f"importance.seq_length must be a positive integer, got {seq_length!r}")
     config = unwrap(model).config
     sequence_shards = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    _check_sequences("calibration", calibration, micro_batch_size, sequence_shards)
+    _check_sequences("calibration", calibration, seq_length, micro_batch_size, sequence_shards)
     if "lm_loss_drop" in depth_metrics or block_sizes:
         if validation is None:
             raise ValueError("importance.validation sequences are needed for depth_metrics 'lm_loss_drop' and "
                              "block_sizes")
-        _check_sequences("validation", validation, micro_batch_size, sequence_shards)
+        _check_sequences("validation", validation, seq_length, micro_batch_size, sequence_shards)
 
 
 @contextlib.contextmanager
@@ -116,12 +125,14 @@ def add_loss_metrics(scores: ImportanceScores, model, validation: torch.Tensor, 
 
 
 def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, validation: torch.Tensor | None = None,
-                       *, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
+                       *, seq_length: int, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
                        depth_metrics=("block_influence",), block_sizes=()) -> ImportanceScores:
     """Importance scores of ``model`` (this rank's TP shard / PP stage) from forward passes only.
 
-    calibration / validation: packed token sequences [n, seq_length + 1] of this data-parallel rank (each DP rank
-    passes its own share; statistics are summed over DP ranks). Width scores and Block Influence come from one
+    calibration / validation: token windows [n, seq_length + 1] of this data-parallel rank (each DP rank passes its
+    own share; statistics are summed over DP ranks): the model reads window[:-1] and predicts window[1:], as in
+    training, so the statistics cover the seq_length input tokens of each window. ``seq_length`` is required so
+    that plain token rows [n, seq_length] (whose last token would silently be dropped) are rejected. Width scores and Block Influence come from one
     forward pass over ``calibration`` through Megatron's pipeline schedule, which also gives the calibration loss.
     depth_metrics: "block_influence" (calibration pass) and/or "lm_loss_drop" (validation loss with layer l
     skipped minus the unpruned validation loss). block_sizes: for each k, blocks[k][start] is the validation loss
@@ -133,7 +144,7 @@ def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, valida
 
     depth_metrics, block_sizes = tuple(depth_metrics), tuple(block_sizes)
     validate_options(model, arch, micro_batch_size, seq_agg, batch_agg, depth_metrics, block_sizes)
-    _validate_sequences(model, calibration, validation, micro_batch_size, depth_metrics, block_sizes)
+    _validate_sequences(model, calibration, validation, seq_length, micro_batch_size, depth_metrics, block_sizes)
     with CalibrationHooks(model, seq_agg, depth_metrics) as hooks:
         with _progress(model, calibration.shape[0] // micro_batch_size, "importance calibration"):
             calibration_loss = validation_loss(model, calibration, micro_batch_size)
