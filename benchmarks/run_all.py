@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = [["bench_importance"], ["bench_importance", "--tp", "2"], ["bench_kd_step"], ["bench_kd_loss_memory"],
-              ["bench_pruned_speed"], ["bench_bridge_kd_step"]]
+              ["bench_pruned_speed"], ["bench_bridge_kd_step"], ["bench_data_rss"]]
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent

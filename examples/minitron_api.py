@@ -2,7 +2,7 @@
 
 Runs on a tiny random Llama and random tokens so it finishes in seconds on a CPU; swap in your own
 Megatron-Core model (models.hf_convert.load_hf_checkpoint + load_hf_state_dict) and packed text
-(data.packing.packed_corpus) for real work. Under torchrun every rank runs this same script.
+(data.splits.write_splits, then load_split) for real work. Under torchrun every rank runs this same script.
 
     python examples/minitron_api.py
 """

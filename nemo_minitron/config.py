@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_minitron.data.corpus import SHAKESPEARE
 from nemo_minitron.distillation.intermediate import KINDS as INTERMEDIATE_LOSSES
 from nemo_minitron.distillation.losses import KINDS as KD_LOSSES
-from nemo_minitron.models.arch import check_transformer_impl
+from nemo_minitron.models.arch import PARAMS_DTYPES, RECOMPUTE_GRANULARITIES, check_transformer_impl
 from nemo_minitron.pruning.plan import PruneTarget
 from nemo_minitron.runtime.distributed import ParallelConfig
 
@@ -29,19 +30,46 @@ class ModelConfig:
     source: str = EMBEDDED_MODEL
     transformer_impl: str = "local"  # "transformer_engine" on GPU (FP8 needs it)
     fp8: Optional[str] = None  # null | delayed | tensorwise
+    # fp32 | bf16 | fp16: the dtype of weights and activations; 16-bit runs in Megatron's mixed precision (float32
+    # master weights and gradient reduction in the optimizer, loss scaling for fp16)
+    params_dtype: str = "fp32"
+    recompute_granularity: Optional[str] = None  # null | full (every layer) | selective (core attention)
 
 
 @dataclass
 class DataConfig:
-    """Text -> packed token sequences [n, seq_length + 1], split deterministically."""
+    """Text -> token windows [seq_length + 1], split deterministically (data/splits.py).
 
-    source: str = "shakespeare"  # "shakespeare" | .txt file or folder | .jsonl/.json/.parquet/.csv | indexed PREFIX
+    source: "shakespeare" | a .txt file or folder | a .jsonl/.json/.parquet/.csv file | a Megatron indexed dataset
+    PREFIX, or a blend of these: a list of {path: ..., weight: ...} entries (weights > 0, normalised to sum to 1).
+    """
+
+    source: Any = "shakespeare"
     text_field: str = "text"
     seq_length: int = 256
     num_calibration: int = 1024
-    num_train: int = -1  # -1: every sequence not used for calibration or validation
+    num_train: int = -1  # -1: every sequence not held out for calibration, validation or selection
     num_validation: int = 64
+    num_selection: int = 8  # held out for lm_loss_drop and the block search, disjoint from validation
     seed: int = 1234
+
+    def sources(self) -> list[tuple[str, float]]:
+        """(path, weight) of every source, the weights normalised to sum to 1."""
+        if isinstance(self.source, str):
+            return [(self.source, 1.0)]
+        if not isinstance(self.source, list) or not self.source:
+            raise ValueError(f"data.source must be a path, {SHAKESPEARE!r}, or a non-empty list of "
+                             f"{{path: ..., weight: ...}} entries, got {self.source!r}")
+        for i, entry in enumerate(self.source):
+            if not isinstance(entry, dict) or set(entry) != {"path", "weight"}:
+                raise ValueError(f"data.source[{i}] must have exactly the keys path and weight, got {entry!r}")
+            if not isinstance(entry["path"], str):
+                raise ValueError(f"data.source[{i}].path must be a string, got {entry['path']!r}")
+            weight = entry["weight"]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+                raise ValueError(f"data.source[{i}].weight must be a finite number > 0, got {weight!r}")
+        total = sum(entry["weight"] for entry in self.source)
+        return [(entry["path"], entry["weight"] / total) for entry in self.source]
 
 
 @dataclass
@@ -52,8 +80,7 @@ class ScoreConfig:
     seq_agg: str = "mean"
     batch_agg: str = "l2"
     depth_metrics: list[str] = field(default_factory=lambda: ["block_influence"])
-    block_sizes: list[int] = field(default_factory=list)  # contiguous blocks to search (needs validation data)
-    num_validation: int = 8  # validation sequences for lm_loss_drop and the block search
+    block_sizes: list[int] = field(default_factory=list)  # contiguous blocks to search (on data.num_selection)
 
 
 @dataclass
@@ -71,14 +98,15 @@ class TrainStageConfig:
     eval_interval: int = 0  # 0: evaluate only at the end
     save_interval: int = 0  # 0: checkpoint only at the end
 
-    def train_config(self, seed: int):
+    def train_config(self, seed: int, use_distributed_optimizer: bool = False):
         """The trainer's TrainConfig for these settings (it validates them)."""
         from nemo_minitron.distillation.trainer import TrainConfig
 
         return TrainConfig(steps=self.steps, micro_batch_size=self.micro_batch_size,
                            global_batch_size=self.global_batch_size, lr=self.lr, min_lr=self.min_lr,
                            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
-                           eval_interval=self.eval_interval, save_interval=self.save_interval, seed=seed)
+                           eval_interval=self.eval_interval, save_interval=self.save_interval, seed=seed,
+                           use_distributed_optimizer=use_distributed_optimizer)
 
 
 @dataclass
@@ -130,6 +158,8 @@ class RecipeConfig:
     def validate(self) -> "RecipeConfig":
         """Check every setting that can be checked without loading the model or data."""
         check_transformer_impl(self.model.transformer_impl, self.model.fp8)
+        _choice("model.params_dtype", self.model.params_dtype, PARAMS_DTYPES)
+        _choice("model.recompute_granularity", self.model.recompute_granularity, RECOMPUTE_GRANULARITIES)
         if self.model.source != EMBEDDED_MODEL and not Path(self.model.source).is_dir():
             raise ValueError(f"model.source: {self.model.source!r} is neither {EMBEDDED_MODEL!r} nor a local "
                              "Hugging Face checkpoint directory")
@@ -137,6 +167,12 @@ class RecipeConfig:
         _positive("data.seq_length", d.seq_length)
         _positive("data.num_calibration", d.num_calibration)
         _positive("data.num_validation", d.num_validation)
+        d.sources()  # checks data.source
+        if not isinstance(d.num_selection, int) or d.num_selection < 0:
+            raise ValueError(f"data.num_selection must be an integer >= 0, got {d.num_selection!r}")
+        if d.num_selection == 0 and ("lm_loss_drop" in self.score.depth_metrics or self.score.block_sizes):
+            raise ValueError("score.depth_metrics lm_loss_drop and score.block_sizes are measured on held-out "
+                             "sequences: set data.num_selection >= 1")
         tp = self.parallel.tensor_model_parallel_size
         if self.parallel.sequence_parallel and (tp == 1 or d.seq_length % tp):
             raise ValueError(f"parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 dividing "
@@ -145,9 +181,6 @@ class RecipeConfig:
             _positive("data.num_train", d.num_train)
         _positive("score.micro_batch_size", self.score.micro_batch_size)
         _positive("eval.micro_batch_size", self.eval.micro_batch_size)
-        if self.score.num_validation > d.num_validation:
-            raise ValueError(f"score.num_validation ({self.score.num_validation}) must be <= data.num_validation "
-                             f"({d.num_validation})")
         for name, target in self.prune.items():
             if not name.isidentifier():
                 raise ValueError(f"prune: target name {name!r} must be a plain identifier (it names a folder)")

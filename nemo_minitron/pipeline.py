@@ -3,7 +3,8 @@ re-run alone (`minitron score|prune|distill|eval|report --run DIR`).
 
 run folder:
   recipe.yaml                 the resolved recipe
-  data/{calibration,train,validation}.pt   packed token sequences [n, seq_length + 1]
+  data/                       windows.json + {calibration,validation,selection,train}.npy: the splits as window
+                              indices into token files memory-mapped from the cache folder (data/splits.py)
   tokenizer/                  the teacher's tokenizer (for export)
   teacher/                    Megatron-Core checkpoint of the teacher (arch.json + dist checkpoint)
   teacher_corrected/          the teacher after correction (if enabled), + history.json
@@ -53,11 +54,15 @@ class RunDir:
     def distilled(self, name: str) -> Path:
         return self.root / "distilled" / name
 
-    def split(self, name: str) -> torch.Tensor:
-        path = self.data / f"{name}.pt"
+    def split(self, name: str):
+        """The split ``name`` (calibration, validation, selection or train) as a data.splits.PackedSplit: rows
+        [n, seq_length + 1] read on demand from memory-mapped tokens (slicing it gives an int64 tensor)."""
+        from nemo_minitron.data.splits import load_split
+
+        path = self.data / f"{name}.npy"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run `minitron prepare --run {self.root}` first")
-        return torch.load(path)
+        return load_split(path)
 
     def active_teacher(self) -> Path:
         """The corrected teacher if correction ran, else the converted one."""
@@ -104,10 +109,13 @@ def _local_split(sequences: torch.Tensor) -> torch.Tensor:
 
 def build_kwargs(recipe: RecipeConfig, local: bool = False) -> dict:
     """build_gpt_model's options from the recipe; scoring and pruning hook / slice the modules of the local
-    (non-Transformer-Engine) layer spec, so they ask for it with ``local``."""
-    impl = dict(transformer_impl="local") if local else dict(transformer_impl=recipe.model.transformer_impl,
-                                                              fp8=recipe.model.fp8)
-    return dict(impl, sequence_parallel=recipe.parallel.sequence_parallel)
+    (non-Transformer-Engine) layer spec, so they ask for it with ``local`` (and need no activation recompute)."""
+    from nemo_minitron.models.arch import params_dtype
+
+    m = recipe.model
+    impl = dict(transformer_impl="local") if local else dict(
+        transformer_impl=m.transformer_impl, fp8=m.fp8, recompute_granularity=m.recompute_granularity)
+    return dict(impl, params_dtype=params_dtype(m.params_dtype), sequence_parallel=recipe.parallel.sequence_parallel)
 
 
 def _load(path: Path, recipe: RecipeConfig, local: bool = False):
@@ -121,11 +129,11 @@ def _load(path: Path, recipe: RecipeConfig, local: bool = False):
 
 
 def prepare(recipe: RecipeConfig) -> None:
-    """Tokenise, pack and split the corpus; convert the teacher to a Megatron-Core checkpoint."""
+    """Tokenise the corpus (cached) and split its windows; convert the teacher to a Megatron-Core checkpoint."""
     from megatron.core import parallel_state
     from transformers import AutoTokenizer
 
-    from nemo_minitron.data.packing import packed_corpus, split_sequences
+    from nemo_minitron.data.splits import write_splits
     from nemo_minitron.models.build import build_gpt_model
     from nemo_minitron.models.checkpoint import save_checkpoint
     from nemo_minitron.models.hf_convert import load_hf_checkpoint, load_hf_state_dict
@@ -149,15 +157,12 @@ def prepare(recipe: RecipeConfig) -> None:
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         d = recipe.data
         if is_rank0():
-            sequences = packed_corpus(d.source, tokenizer, d.seq_length, text_field=d.text_field)
-            splits = split_sequences(sequences, d.num_calibration, d.num_train, d.num_validation, d.seed)
-            run.data.mkdir(parents=True, exist_ok=True)
-            for name in ("calibration", "train", "validation"):
-                torch.save(getattr(splits, name).clone(), run.data / f"{name}.pt")
+            sizes = write_splits(run.data, d.sources(), tokenizer, seq_length=d.seq_length, seed=d.seed,
+                                 num_calibration=d.num_calibration, num_validation=d.num_validation,
+                                 num_selection=d.num_selection, num_train=d.num_train, text_field=d.text_field)
             tokenizer.save_pretrained(run.tokenizer)
-            log(f"[prepare] {sequences.shape[0]} sequences of {d.seq_length} tokens: "
-                f"calibration {len(splits.calibration)}, train {len(splits.train)}, "
-                f"validation {len(splits.validation)}")
+            log(f"[prepare] {sizes['windows']} sequences of {d.seq_length} tokens: " + ", ".join(
+                f"{name} {sizes[name]}" for name in ("calibration", "validation", "selection", "train")))
         arch, state_dict = load_hf_checkpoint(hf_dir)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         for target in recipe.prune.values():  # fail now, not after scoring
@@ -173,7 +178,8 @@ def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: P
     (for resume) in out_dir/train_state."""
     from nemo_minitron.distillation.trainer import train
 
-    cfg = stage_cfg.train_config(seed=recipe.data.seed)
+    cfg = stage_cfg.train_config(seed=recipe.data.seed,
+                                 use_distributed_optimizer=recipe.parallel.use_distributed_optimizer)
     return train(model, run.split("train"), cfg, forward_step, validation=run.split("validation"), arch=arch,
                  checkpoint_dir=out_dir / "train_state")
 
@@ -191,7 +197,8 @@ def correct(recipe: RecipeConfig) -> None:
 
 
 def score(recipe: RecipeConfig) -> None:
-    """Importance of every width axis and of layers, from forward passes over the calibration split."""
+    """Importance of every width axis and of layers, from forward passes over the calibration split; the
+    loss-based depth metrics on the selection split (held out from the validation split that eval reports)."""
     from nemo_minitron.importance.plots import plot_importance
     from nemo_minitron.importance.compute import compute_importance
 
@@ -199,9 +206,8 @@ def score(recipe: RecipeConfig) -> None:
     with timed(run, "score"):
         model, arch = _load(run.require(run.active_teacher(), "prepare"), recipe, local=True)
         s = recipe.score
-        validation = run.split("validation")[: s.num_validation]
         scores = compute_importance(
-            model, arch, _local_split(run.split("calibration")), _local_split(validation),
+            model, arch, _local_split(run.split("calibration")), _local_split(run.split("selection")),
             seq_length=recipe.data.seq_length, micro_batch_size=s.micro_batch_size, seq_agg=s.seq_agg,
             batch_agg=s.batch_agg,
             depth_metrics=tuple(s.depth_metrics), block_sizes=tuple(s.block_sizes),
@@ -214,8 +220,6 @@ def score(recipe: RecipeConfig) -> None:
 
 def prune(recipe: RecipeConfig) -> None:
     """Apply every prune target to a fresh copy of the teacher and save each pruned model."""
-    from megatron.core import parallel_state
-
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.models.checkpoint import save_checkpoint
     from nemo_minitron.pruning.apply import apply_plan
@@ -226,10 +230,9 @@ def prune(recipe: RecipeConfig) -> None:
         raise ValueError("prune: the recipe has no targets; add e.g. prune.width.hidden_size=...")
     with timed(run, "prune"):
         scores = ImportanceScores.load(run.scores)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
         for name, target in recipe.prune.items():
             model, arch = _load(run.active_teacher(), recipe, local=True)
-            plan = make_plan(arch, scores, target, tp_size=tp)
+            plan = make_plan(arch, scores, target)
             new_arch = apply_plan(model, arch, plan)
             save_checkpoint(model, new_arch, run.pruned(name))
             _write_json(run.pruned(name) / "plan.json", plan.to_dict())

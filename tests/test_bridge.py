@@ -238,6 +238,7 @@ def test_bridge_shims_are_undone_after_the_run():
     with bridge_cpu():
         pass  # the first entry imports Bridge
     watched = {"import": lambda: builtins.__import__, "Stream": lambda: torch.cuda.Stream,
+               "Tensor.type": lambda: torch.Tensor.type,
                "barrier": lambda: torch.distributed.barrier, "memory": lambda: torch.cuda.max_memory_allocated,
                "setup.initialize_megatron": lambda: importlib.import_module(
                    "megatron.bridge.training.setup").initialize_megatron,
@@ -367,7 +368,7 @@ def _prepared_run(root, arch):
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
 def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gpu):
     """The Bridge recipe functions turn the papers' YAML recipes into ConfigContainers: layout, schedule, batch,
-    the student target, and on a GPU bf16 mixed precision with the distributed optimizer and overlapped
+    the student target, the recipe's bf16 mixed precision and distributed optimizer, and on a GPU overlapped
     communication."""
     from nemo_minitron.bridge import recipes
     from nemo_minitron.bridge.model import ApplyPlan
@@ -392,9 +393,17 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
                for name, cfg in (("width", width), ("depth", depth))}
     assert (targets["width"].hidden_size, targets["width"].ffn_hidden_size) == (3072, 9216)
     assert targets["depth"].num_layers == 16 and targets["depth"].hidden_size is None
-    assert width.mixed_precision == ("bf16_mixed" if gpu else None)
-    assert width.optimizer.bf16 is gpu and width.optimizer.use_distributed_optimizer is gpu
+    assert width.mixed_precision == "bf16_mixed" and width.optimizer.bf16 and not width.optimizer.fp16
+    assert model.params_dtype == torch.bfloat16 and width.optimizer.params_dtype == torch.bfloat16
+    assert width.optimizer.use_distributed_optimizer and width.ddp.use_distributed_optimizer
+    assert width.ddp.grad_reduce_in_fp32
     assert width.ddp.overlap_grad_reduce is gpu and width.ddp.overlap_param_gather is gpu
+    plain = recipes.llama31_8b_to_4b_width_config(overrides=[*overrides, "model.params_dtype=fp16",
+                                                             "parallel.use_distributed_optimizer=false",
+                                                             "model.recompute_granularity=full"])
+    assert plain.mixed_precision == "fp16_mixed" and plain.optimizer.fp16 and not plain.optimizer.bf16
+    assert not plain.optimizer.use_distributed_optimizer and not plain.ddp.overlap_param_gather
+    assert (plain.model.recompute_granularity, plain.model.recompute_method) == ("full", "uniform")
     assert width.dist.distributed_backend == ("nccl" if gpu else "gloo")
     with pytest.raises(ValueError, match="stage: 'prune' is not a Bridge training stage"):
         recipes.llama31_8b_to_4b_width_config("prune", overrides)
@@ -413,7 +422,7 @@ def test_smollm2_recipe_through_bridge(tmp_path):
     from tests.test_pipeline import minitron
 
     run_dir = tmp_path / "demo"
-    settings = [f"run_dir={run_dir}", "data.num_calibration=8", "data.num_validation=8", "score.num_validation=4",
+    settings = [f"run_dir={run_dir}", "data.num_calibration=8", "data.num_validation=8", "data.num_selection=4",
                 "score.block_sizes=[]", "prune.depth.layer_metric=block_influence", "distill.steps=3",
                 "distill.warmup_steps=1", "distill.global_batch_size=4", "distill.eval_interval=0"]
     minitron("prepare", "--recipe", str(RECIPE_DIR / "demo.yaml"), *settings, timeout=900)

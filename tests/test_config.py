@@ -2,6 +2,7 @@ import pytest
 
 from nemo_minitron.cli import DEMO_RECIPE
 from nemo_minitron.config import load_recipe
+from nemo_minitron.models.arch import ModelArch
 from nemo_minitron.pruning.plan import PruneTarget
 
 
@@ -48,3 +49,45 @@ def test_bad_settings_name_the_field(override, words):
         load_recipe(DEMO_RECIPE, override)
     for word in words:
         assert word in str(err.value)
+
+
+# SmolLM2-135M, the embedded teacher (tests/test_embedded.py checks these against its converted config)
+SMOLLM2 = ModelArch(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
+                    vocab_size=49152, kv_channels=64)
+
+
+def test_the_readme_parallel_demo_commands_fit_the_model():
+    """Every `torchrun` command of the README on the demo (`--recipe recipes/demo.yaml ...`, or `--run DIR` of a
+    run folder such a command made) gives a layout whose TP size divides the teacher's and every target's sharded
+    sizes, checked as `minitron prepare` checks them before any compute."""
+    import re
+    import shlex
+
+    from nemo_minitron.pruning.plan import validate
+
+    readme = (DEMO_RECIPE.parent.parent / "README.md").read_text()
+    commands = [shlex.split(c.replace("\\\n", " ")) for c in re.findall(r"^torchrun (?:[^\n]*\\\n)*[^\n]*", readme,
+                                                                            flags=re.M)]
+    run_overrides = {}  # run folder -> the overrides of the command that made it
+    checked = 0
+    for words in commands:
+        nproc = int(words[words.index("--nproc-per-node") + 1])
+        if "--recipe" in words and words[words.index("--recipe") + 1] == "recipes/demo.yaml":
+            overrides = words[words.index("--recipe") + 2:]
+            run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
+            run_overrides[run_dir] = overrides
+        elif "--run" in words and words[words.index("--run") + 1] in run_overrides:
+            overrides = run_overrides[words[words.index("--run") + 1]] + words[words.index("--run") + 2:]
+        else:
+            continue
+        recipe = load_recipe(DEMO_RECIPE, overrides)
+        tp = recipe.parallel.tensor_model_parallel_size
+        recipe.parallel.validate(nproc)
+        SMOLLM2.check_tensor_parallel(tp)
+        for target in recipe.prune.values():
+            validate(SMOLLM2, target, tp_size=tp)
+            target.new_arch(SMOLLM2).check_tensor_parallel(tp)
+        checked += 1
+    assert checked == 2, f"expected the README's two parallel demo commands, checked {checked}"
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=2"):  # the README once documented TP=2
+        SMOLLM2.check_tensor_parallel(2)

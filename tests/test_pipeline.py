@@ -27,7 +27,7 @@ def minitron(*args, timeout=900, nproc=1):
 def tiny_overrides(inputs: Path, run_dir: Path) -> list[str]:
     return [
         f"run_dir={run_dir}", f"model.source={inputs / 'model'}", f"data.source={inputs / 'corpus.txt'}",
-        "data.seq_length=32", "data.num_calibration=8", "data.num_validation=8", "score.num_validation=4",
+        "data.seq_length=32", "data.num_calibration=8", "data.num_validation=8", "data.num_selection=4",
         "score.block_sizes=[2]", "prune.width.hidden_size=48", "prune.width.ffn_hidden_size=64",
         "prune.width.num_attention_heads=2", "prune.depth.num_layers=2", "distill.steps=8",
         "distill.global_batch_size=8", "distill.lr=3e-3", "distill.min_lr=3e-4", "distill.warmup_steps=1",
@@ -70,9 +70,11 @@ def test_tiny_recipe_end_to_end(tiny_run):
     # The pruned + distilled student's Hugging Face export scores the validation split like the Megatron model.
     from transformers import AutoModelForCausalLM
 
+    from nemo_minitron.pipeline import RunDir
+
     hf = AutoModelForCausalLM.from_pretrained(run_dir / "distilled" / "width" / "hf").float().eval()
     assert hf.config.hidden_size == 48 and hf.config.num_attention_heads == 2 and hf.config.hidden_act == "silu"
-    validation = torch.load(run_dir / "data" / "validation.pt")
+    validation = RunDir(run_dir).split("validation")[:]
     with torch.no_grad():
         logits = hf(validation[:, :-1]).logits
     hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), validation[:, 1:].reshape(-1)).item()
@@ -124,7 +126,7 @@ def test_smollm2_demo_few_steps(tmp_path):
     distillation from the corrected teacher improves the width student."""
     run_dir = tmp_path / "demo"
     out = minitron("demo", f"run_dir={run_dir}", "data.num_calibration=8", "data.num_validation=8",
-                   "score.num_validation=4", "distill.steps=3", "distill.warmup_steps=1", "distill.global_batch_size=4",
+                   "data.num_selection=4", "distill.steps=3", "distill.warmup_steps=1", "distill.global_batch_size=4",
                    "distill.eval_interval=0", "correct.enabled=true", "correct.steps=2", "correct.warmup_steps=0",
                    "correct.global_batch_size=4", timeout=1500)
     results = json.loads((run_dir / "eval.json").read_text())

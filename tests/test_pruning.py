@@ -30,6 +30,15 @@ def _scores(arch: ModelArch, seed: int = 0) -> ImportanceScores:
     )
 
 
+def _skewed_scores(arch: ModelArch) -> ImportanceScores:
+    """Random scores whose top neurons and KV groups crowd into the first of two TP shards: neurons [0, 3F/8) and
+    groups [0, G/2) score 1 higher than the rest."""
+    scores = _scores(arch)
+    scores.ffn[:, :3 * arch.ffn_hidden_size // 8] += 1
+    scores.groups[:, :arch.num_query_groups // 2] += 1
+    return scores
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -88,7 +97,7 @@ def test_keep_all_plan_is_identity(single_process):
     tokens = torch.randint(0, GQA.vocab_size, (2, 8))
     with torch.no_grad():
         before = forward_logits(model, tokens)
-        plan = make_plan(GQA, _scores(GQA), PruneTarget(), tp_size=2)
+        plan = make_plan(GQA, _scores(GQA), PruneTarget())
         assert apply_plan(model, GQA, plan) == GQA
         assert torch.equal(forward_logits(model, tokens), before)
 
@@ -144,21 +153,25 @@ def test_pruned_model_equals_new_arch_with_sliced_weights(arch, target, single_p
         assert torch.isfinite(forward_logits(model, tokens)).all()
 
 
-def test_plan_keeps_top_scores_within_each_tp_shard():
-    scores = _scores(GQA)
+def test_plan_keeps_the_global_top_units():
+    scores = _skewed_scores(GQA)
     target = PruneTarget(hidden_size=40, ffn_hidden_size=36, num_attention_heads=2, num_query_groups=2)
-    plan = make_plan(GQA, scores, target, tp_size=2)
+    plan = make_plan(GQA, scores, target)
 
-    def top(values, candidates, k):
+    def top(values, candidates, k):  # sorted() is stable: ties keep the lower index
         return sorted(sorted(candidates, key=lambda i: -values[i].item())[:k])
 
     assert plan.hidden_keep.tolist() == top(scores.hidden, range(64), 40)
     for layer in range(GQA.num_layers):
-        shards = top(scores.ffn[layer], range(48), 18) + top(scores.ffn[layer], range(48, 96), 18)
-        assert plan.ffn_keep[layer].tolist() == shards
-        groups = top(scores.groups[layer], range(2), 1) + top(scores.groups[layer], range(2, 4), 1)
-        assert plan.groups_keep[layer].tolist() == groups
+        assert plan.ffn_keep[layer].tolist() == top(scores.ffn[layer], range(96), 36) == list(range(36))
+        groups = top(scores.groups[layer], range(4), 2)
+        assert plan.groups_keep[layer].tolist() == groups == [0, 1]
         assert plan.heads_keep[layer].tolist() == [top(scores.heads[layer], (2 * g, 2 * g + 1), 1) for g in groups]
+
+    scores.ffn[1], scores.groups[1], scores.heads[1] = 0.5, 0.5, 0.5
+    tied = make_plan(GQA, scores, target)
+    assert tied.ffn_keep[1].tolist() == list(range(36))
+    assert tied.groups_keep[1].tolist() == [0, 1] and tied.heads_keep[1].tolist() == [[0], [2]]
 
 
 def test_layer_choice_by_metric():
@@ -175,31 +188,49 @@ def test_layer_choice_by_metric():
 
 def test_plan_json_round_trip(tmp_path):
     plan = make_plan(GQA, _scores(GQA), PruneTarget(hidden_size=48, num_query_groups=2, num_attention_heads=4,
-                                                    num_layers=2), tp_size=2)
+                                                    num_layers=2))
     plan.save(tmp_path / "plan.json")
-    for loaded in (PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict()))), PrunePlan.load(tmp_path / "plan.json")):
+    old_run = {**plan.to_dict(), "tp_size": 2}  # plans of older runs record the TP size they were balanced over
+    for loaded in (PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict()))), PrunePlan.load(tmp_path / "plan.json"),
+                   PrunePlan.from_dict(old_run)):
         assert loaded.to_dict() == plan.to_dict()
         assert torch.equal(loaded.heads_keep, plan.heads_keep) and loaded.arch == plan.arch
 
 
+@pytest.mark.parametrize("target, match", [
+    (PruneTarget(num_attention_heads=6), r"num_attention_heads \(6\) must be a multiple of num_query_groups"),
+    (PruneTarget(num_query_groups=2), r"num_attention_heads \(8\) gives 4 heads per KV group"),
+    (PruneTarget(hidden_size=128), r"prune.hidden_size must be an integer in \[1, 64\]"),
+    (PruneTarget(ffn_hidden_size=0), r"prune.ffn_hidden_size"),
+    (PruneTarget(num_layers=2, layer_metric="random"), r"prune.layer_metric: 'random' is not allowed"),
+    (PruneTarget(drop_layers=[0, 3]), r"prune.drop_layers must hold layer indices in \[0, 2\]"),
+    (PruneTarget(drop_layers=[1, 1]), r"prune.drop_layers must be unique"),
+    (PruneTarget(num_layers=2, drop_layers=[1]), r"prune.drop_layers .* exclude each other"),
+], ids=["heads_per_group", "heads_exceed_group", "above_source", "zero", "metric", "drop_range", "drop_unique",
+        "drop_and_num"])
+def test_validation_errors_name_the_field(target, match):
+    with pytest.raises(ValueError, match=match):
+        validate(GQA, target)
+    with pytest.raises(ValueError, match=match):
+        make_plan(GQA, _scores(GQA), target)
+
+
 @pytest.mark.parametrize("target, tp_size, match", [
-    (PruneTarget(num_attention_heads=6), 1, r"num_attention_heads \(6\) must be a multiple of num_query_groups"),
-    (PruneTarget(num_query_groups=2), 1, r"num_attention_heads \(8\) gives 4 heads per KV group"),
-    (PruneTarget(hidden_size=128), 1, r"prune.hidden_size must be an integer in \[1, 64\]"),
-    (PruneTarget(ffn_hidden_size=0), 1, r"prune.ffn_hidden_size"),
     (PruneTarget(ffn_hidden_size=90), 4, r"prune.ffn_hidden_size \(90\) must be divisible by the tensor-parallel"),
-    (PruneTarget(num_query_groups=2, num_attention_heads=2), 4, r"prune.num_query_groups \(2\)"),
-    (PruneTarget(num_layers=2, layer_metric="random"), 1, r"prune.layer_metric: 'random' is not allowed"),
-    (PruneTarget(drop_layers=[0, 3]), 1, r"prune.drop_layers must hold layer indices in \[0, 2\]"),
-    (PruneTarget(drop_layers=[1, 1]), 1, r"prune.drop_layers must be unique"),
-    (PruneTarget(num_layers=2, drop_layers=[1]), 1, r"prune.drop_layers .* exclude each other"),
-], ids=["heads_per_group", "heads_exceed_group", "above_source", "zero", "ffn_tp", "groups_tp", "metric",
-        "drop_range", "drop_unique", "drop_and_num"])
-def test_validation_errors_name_the_field(target, tp_size, match):
+    (PruneTarget(num_query_groups=3, num_attention_heads=6), 2, r"prune.num_query_groups \(3\) must be divisible "
+                                                                r"by the tensor-parallel size \(2\) or divide it"),
+    (PruneTarget(num_query_groups=2, num_attention_heads=2), 4, r"prune.num_attention_heads \(2\) must be divisible"),
+    (PruneTarget(), 3, r"arch.num_attention_heads \(8\) must be divisible by the tensor-parallel size \(3\)"),
+], ids=["ffn", "groups", "heads", "source"])
+def test_tensor_parallel_validation(target, tp_size, match):
     with pytest.raises(ValueError, match=match):
         validate(GQA, target, tp_size)
-    with pytest.raises(ValueError, match=match):
-        make_plan(GQA, _scores(GQA), target, tp_size)
+
+
+def test_fewer_kv_groups_than_tp_ranks_are_allowed():
+    """Megatron-Core replicates a KV group over TP / G ranks when G divides TP."""
+    validate(GQA, PruneTarget(num_query_groups=2, num_attention_heads=4), tp_size=4)
+    validate(GQA.replace(num_query_groups=1), PruneTarget(ffn_hidden_size=48), tp_size=8)
 
 
 def test_validation_checks_scores_against_the_model():
@@ -223,42 +254,82 @@ def test_check_shapes_catches_config_without_pruned_weights(single_process):
 # 4 layers so PP=2 has two per stage; untied embeddings and a QKV bias exercise every parameter kind.
 DIST = GQA.replace(num_layers=4, tie_word_embeddings=False, add_qkv_bias=True)
 DIST_TARGET = PruneTarget(hidden_size=48, ffn_hidden_size=48, num_attention_heads=2, num_query_groups=2, num_layers=3)
+# One KV group, fewer than the TP ranks: Megatron-Core replicates it on both; then prune that model again.
+ONE_GROUP = PruneTarget(hidden_size=56, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1)
+ONE_GROUP_AGAIN = PruneTarget(hidden_size=40, ffn_hidden_size=32)
 
 
-def _tp2_then_pp2(rank, world_size, full, plan_tp2, plan_tp1, tokens, sequences, logits, loss):
-    plan_tp2, plan_tp1 = PrunePlan.from_dict(plan_tp2), PrunePlan.from_dict(plan_tp1)
+def _gather(model) -> dict[str, torch.Tensor]:
+    """The full (TP=1 layout) parameters of a TP-sharded model: the inverse of ``_load``."""
+    out = {}
+    for name, p in model.named_parameters():
+        w = p.detach()
+        if getattr(p, "tensor_model_parallel", False):
+            shards = [torch.empty_like(w) for _ in range(dist.get_world_size())]
+            dist.all_gather(shards, w.contiguous())
+            if ".linear_fc1." in name:  # [gate shard; up shard] per rank -> [gate; up]
+                w = torch.cat([torch.cat([shard.chunk(2)[i] for shard in shards]) for i in range(2)])
+            else:
+                w = torch.cat(shards, dim=p.partition_dim)
+        out[name] = w
+    return out
+
+
+def _tp2_then_pp2(rank, world_size, full, cases, bad_plan, tokens, sequences, loss):
     init_distributed(ParallelConfig(tensor_model_parallel_size=2))
+    for steps, reference, logits in cases:
+        model, arch = build_gpt_model(DIST), DIST
+        _load(model, full, rank, 2)
+        for plan in steps:  # each plan prunes the previous one's result
+            arch = apply_plan(model, arch, PrunePlan.from_dict(plan))
+        pruned = _gather(model)
+        assert pruned.keys() == reference.keys()
+        for name, value in reference.items():
+            assert torch.equal(pruned[name], value), name
+        with torch.no_grad():
+            local = forward_logits(model, tokens)
+        shards = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(shards, local)
+        torch.testing.assert_close(torch.cat(shards, dim=-1), logits, rtol=0, atol=1e-5)
     model = build_gpt_model(DIST)
-    _load(model, full, rank, 2)
-    with pytest.raises(ValueError, match=r"plan.tp_size \(1\) must be a multiple"):
-        apply_plan(model, DIST, plan_tp1)
-    apply_plan(model, DIST, plan_tp2)
-    with torch.no_grad():
-        local = forward_logits(model, tokens)
-    shards = [torch.empty_like(local) for _ in range(2)]
-    dist.all_gather(shards, local)
-    torch.testing.assert_close(torch.cat(shards, dim=-1), logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"plan.arch.ffn_hidden_size \(47\) must be divisible by the tensor-parallel"):
+        apply_plan(model, DIST, PrunePlan.from_dict(bad_plan))
 
     init_distributed(ParallelConfig(pipeline_model_parallel_size=2))
     model = build_gpt_model(DIST)
     _load(model, full)
-    apply_plan(model, DIST, plan_tp2)  # source layer 1 is dropped: stage 0 keeps one layer, stage 1 two
+    apply_plan(model, DIST, PrunePlan.from_dict(cases[0][0][0]))
+    # source layer 1 is dropped: stage 0 keeps one layer, stage 1 two
     assert [layer.layer_number for layer in model.decoder.layers] == ([1], [2, 3])[rank]
     assert abs(validation_loss(model, sequences, micro_batch_size=2) - loss) < 1e-5
 
 
 def test_tp2_and_pp2_pruning_equal_tp1_pruning(single_process):
-    scores = _scores(DIST)
+    """The kept units crowd into the first TP shard (_skewed_scores); pruning at TP=2 must still give the TP=1
+    student: the same full weights (= the plain slicing reference) and logits, also with one replicated KV group."""
+    scores = _skewed_scores(DIST)
     scores.blocks[1] = torch.tensor([5.0, 0.0, 5.0, 5.0])
-    plan = make_plan(DIST, scores, DIST_TARGET, tp_size=2)
+    plan = make_plan(DIST, scores, DIST_TARGET)
     assert plan.layers_keep == [0, 2, 3]
+    assert all(len([n for n in plan.ffn_keep[i].tolist() if n < 48]) >= 36 for i in range(4))  # uneven over 2 shards
+    tokens = torch.randint(0, DIST.vocab_size, (2, 8))
+    sequences = torch.randint(0, DIST.vocab_size, (4, 9))
     model = build_gpt_model(DIST)
     full = _params(model)
     apply_plan(model, DIST, plan)
-    tokens = torch.randint(0, DIST.vocab_size, (2, 8))
-    sequences = torch.randint(0, DIST.vocab_size, (4, 9))
-    with torch.no_grad():
-        logits = forward_logits(model, tokens)
+    pruned, reference = _params(model), _slice(full, DIST, plan)
+    assert pruned.keys() == reference.keys() and all(torch.equal(pruned[k], v) for k, v in reference.items())
     loss = validation_loss(model, sequences, micro_batch_size=2)
-    plan_tp1 = make_plan(DIST, scores, DIST_TARGET, tp_size=1)
-    run_distributed(_tp2_then_pp2, 2, full, plan.to_dict(), plan_tp1.to_dict(), tokens, sequences, logits, loss)
+    with torch.no_grad():
+        cases = [([plan.to_dict()], pruned, forward_logits(model, tokens))]
+
+    one_group = make_plan(DIST, scores, ONE_GROUP)
+    again = make_plan(one_group.arch, _scores(one_group.arch, seed=1), ONE_GROUP_AGAIN)
+    model = build_gpt_model(DIST)
+    _load(model, full)
+    apply_plan(model, DIST, one_group)
+    apply_plan(model, one_group.arch, again)
+    with torch.no_grad():
+        cases.append(([one_group.to_dict(), again.to_dict()], _params(model), forward_logits(model, tokens)))
+    bad_plan = make_plan(DIST, scores, PruneTarget(ffn_hidden_size=47)).to_dict()
+    run_distributed(_tp2_then_pp2, 2, full, cases, bad_plan, tokens, sequences, loss)

@@ -23,7 +23,8 @@ with absent_imports():
 class ImportanceCallback(Callback):
     """Importance scores of the model Bridge evaluates: the width statistics and Block Influence of ``importance/``
     are collected during Bridge's evaluation passes over its validation data (the calibration set), the
-    loss-based depth metrics (lm_loss_drop, block_sizes) are computed afterwards on ``validation`` sequences, and
+    loss-based depth metrics (lm_loss_drop, block_sizes) are computed afterwards on ``validation`` sequences (a
+    run's selection split, held out from the validation split that evaluation reports), and
     the scores are written to ``out_dir`` in the format `minitron prune` reads (ImportanceScores.save). Equal to
     compute_importance on the same weights and tokens.
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from nemo_minitron.data.order import SequenceStream
+from nemo_minitron.data.splits import load_split
 from nemo_minitron.runtime.absent_imports import absent_imports
 
 with absent_imports():
@@ -17,8 +18,9 @@ with absent_imports():
 
 @dataclass(kw_only=True)
 class PackedSequences(DatasetProvider):
-    """Train / validation splits saved as int64 tensors [n, seq_length + 1] (``torch.save``), e.g. a run folder's
-    splits/train.pt and splits/validation.pt. The training dataset has as many positions as Bridge will read
+    """Train / validation splits: a run folder's data/train.npy and data/validation.npy (window indices into
+    memory-mapped tokens, read with data.splits.load_split), or int64 tensors [n, seq_length + 1] saved with
+    ``torch.save`` (.pt). The training dataset has as many positions as Bridge will read
     (train_iters x global batch); validation is read in order, from the first sequence again at each
     evaluation when train.eval_iters x global batch = the number of validation sequences."""
 
@@ -41,7 +43,7 @@ class PackedSequences(DatasetProvider):
         return SequenceStream(train, context.train_samples, self.seed), valid, None
 
 
-def _load(path: str) -> torch.Tensor:
+def _load(path: str):
     if not Path(path).is_file():
-        raise FileNotFoundError(f"dataset: {path} not found (packed sequences written by `minitron prepare`)")
-    return torch.load(path, weights_only=True)
+        raise FileNotFoundError(f"dataset: {path} not found (a split written by `minitron prepare`)")
+    return load_split(path) if path.endswith(".npy") else torch.load(path, weights_only=True)

@@ -26,14 +26,15 @@ with absent_imports():
 def gpt_provider(arch: ModelArch, *, seq_length: int, tensor_model_parallel_size: int = 1,
                  pipeline_model_parallel_size: int = 1, sequence_parallel: bool = False,
                  transformer_impl: str = "local", fp8: str | None = None,
-                 params_dtype: torch.dtype = torch.float32) -> GPTModelProvider:
+                 params_dtype: torch.dtype = torch.float32,
+                 recompute_granularity: str | None = None) -> GPTModelProvider:
     """Bridge's GPTModelProvider building exactly the GPTModel of ``build_gpt_model(arch, ...)``: same config
     fields, same layer spec, unpadded vocabulary, RoPE, tied embeddings as ``arch`` says; per-token loss
     normalisation (the forward step returns loss sums and token counts)."""
     kwargs = transformer_config_kwargs(
         arch, tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size, transformer_impl=transformer_impl, fp8=fp8,
-        params_dtype=params_dtype, sequence_parallel=sequence_parallel)
+        params_dtype=params_dtype, sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity)
     return GPTModelProvider(
         **kwargs, transformer_layer_spec=layer_spec, vocab_size=arch.vocab_size, should_pad_vocab=False,
         seq_length=seq_length, share_embeddings_and_output_weights=arch.tie_word_embeddings,
@@ -57,7 +58,7 @@ class LoadWeights:
 
 class ApplyPlan:
     """Pre-wrap hook: prune the model chunk (built for ``arch``, weights loaded) in place by the plan that
-    ``make_plan`` gives for ``scores`` and ``target`` at the run's TP size (what `minitron prune` applies); the
+    ``make_plan`` gives for ``scores`` and ``target`` (what `minitron prune` applies, at any TP size); the
     provider, which is the chunk's config, records the new sizes, so Bridge wraps and optimises the student."""
 
     def __init__(self, arch: ModelArch, scores: ImportanceScores, target: PruneTarget):
@@ -65,11 +66,8 @@ class ApplyPlan:
         self.plan: PrunePlan | None = None
 
     def __call__(self, model: list) -> list:
-        from megatron.core import parallel_state
-
         (chunk,) = model
-        self.plan = make_plan(self.arch, self.scores, self.target,
-                              tp_size=parallel_state.get_tensor_model_parallel_world_size())
+        self.plan = make_plan(self.arch, self.scores, self.target)
         apply_plan(chunk, self.arch, self.plan)
         return model
 

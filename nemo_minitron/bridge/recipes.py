@@ -9,8 +9,9 @@ schedule, weight decay, clipping) into Bridge's configs; the stage builders wire
                         teacher with the project's ForwardStep
   score_run(recipe)     Bridge's evaluation pass over the calibration split with the ImportanceCallback
 
-On a GPU the container runs bf16 mixed precision with fp32 master weights, the distributed optimizer and
-overlapped grad-reduce / param-gather; on a CPU, fp32 on gloo. Bridge-side settings can then be changed with
+The container runs the recipe's model.params_dtype (bf16 / fp16: Megatron's mixed precision with fp32 master
+weights), activation recompute and parallel.use_distributed_optimizer; on a GPU it overlaps grad-reduce (and, with
+the distributed optimizer, param-gather) with compute. Bridge-side settings can then be changed with
 Bridge's own override syntax (``process_config_with_overrides``, e.g. ``train.train_iters=20``).
 """
 
@@ -45,15 +46,15 @@ class BridgeRun(NamedTuple):
 
 
 def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_dir: str | Path | None = None,
-              eval_iters: int = 0, skip_train: bool = False, tokenizer=None):
+              eval_iters: int = 0, skip_train: bool = False, tokenizer=None, use_distributed_optimizer: bool = False):
     """ConfigContainer training ``model`` (a GPTModelProvider) on ``dataset`` with ``train``'s settings: Adam
     (beta 0.9 / 0.95), linear warmup from 0 then cosine decay to min_lr over the run, constant weight decay,
-    gradient clipping; per-token loss normalisation; bf16 mixed precision (fp32 master weights) when the model's
-    params_dtype is bf16. checkpoint_dir: Bridge checkpoints every
+    gradient clipping; per-token loss normalisation; bf16 / fp16 mixed precision (fp32 master weights) when the
+    model's params_dtype is 16-bit; use_distributed_optimizer shards them and Adam's states. checkpoint_dir: Bridge checkpoints every
     train.save_interval steps (0: at the end) and resume from there. eval_iters: validation batches per
     evaluation (every train.eval_interval steps, 0: at the end only)."""
     gpu = torch.cuda.is_available()
-    bf16 = model.params_dtype == torch.bfloat16
+    bf16, fp16 = model.params_dtype == torch.bfloat16, model.params_dtype == torch.float16
     checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
     return bridge_config.ConfigContainer(
         train=bridge_config.TrainingConfig(
@@ -63,15 +64,15 @@ def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_
         model=model,
         optimizer=bridge_config.OptimizerConfig(
             optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
-            clip_grad=train.clip_grad, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, fp16=False, bf16=bf16,
-            params_dtype=model.params_dtype, use_distributed_optimizer=gpu),
+            clip_grad=train.clip_grad, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, fp16=fp16, bf16=bf16,
+            params_dtype=model.params_dtype, use_distributed_optimizer=use_distributed_optimizer),
         scheduler=bridge_config.SchedulerConfig(
             lr_decay_style="cosine", lr_warmup_iters=train.warmup_steps, lr_decay_iters=train.steps,
             lr_warmup_init=0.0, start_weight_decay=train.weight_decay, end_weight_decay=train.weight_decay,
             weight_decay_incr_style="constant"),
         ddp=bridge_config.DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=gpu, overlap_grad_reduce=gpu,
-            overlap_param_gather=gpu),
+            grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer, overlap_grad_reduce=gpu,
+            overlap_param_gather=gpu and use_distributed_optimizer),
         dataset=dataset,
         logger=bridge_config.LoggerConfig(log_interval=1),
         tokenizer=tokenizer or TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=model.vocab_size),
@@ -80,7 +81,7 @@ def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_
             ckpt_format="torch_dist"),
         dist=bridge_config.DistributedInitConfig(distributed_backend="nccl" if gpu else "gloo"),
         rng=bridge_config.RNGConfig(seed=seed),
-        mixed_precision="bf16_mixed" if bf16 else None,
+        mixed_precision="bf16_mixed" if bf16 else "fp16_mixed" if fp16 else None,
     )
 
 
@@ -90,9 +91,7 @@ def _provider(recipe: RecipeConfig, arch, local: bool = False):
     p = recipe.parallel
     return gpt_provider(arch, seq_length=recipe.data.seq_length,
                         tensor_model_parallel_size=p.tensor_model_parallel_size,
-                        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-                        params_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                        **build_kwargs(recipe, local))
+                        pipeline_model_parallel_size=p.pipeline_model_parallel_size, **build_kwargs(recipe, local))
 
 
 def _dataset(recipe: RecipeConfig, run):
@@ -100,8 +99,8 @@ def _dataset(recipe: RecipeConfig, run):
     it, tokenised with the teacher's Hugging Face tokenizer."""
     prefix = indexed_dataset_prefix(recipe.data.source)
     if prefix is None:
-        return PackedSequences(train_path=str(run.data / "train.pt"),
-                               validation_path=str(run.data / "validation.pt"), seed=recipe.data.seed), None
+        return PackedSequences(train_path=str(run.data / "train.npy"),
+                               validation_path=str(run.data / "validation.npy"), seed=recipe.data.seed), None
     dataset = bridge_config.GPTDatasetConfig(
         random_seed=recipe.data.seed, seq_length=recipe.data.seq_length, blend=[[prefix], None], split="99,1,0",
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, num_workers=2,
@@ -120,6 +119,7 @@ def correct_run(recipe: RecipeConfig) -> BridgeRun:
     dataset, tokenizer = _dataset(recipe, run)
     out = run.teacher_corrected
     config = container(model, dataset, recipe.correct, seed=recipe.data.seed, checkpoint_dir=out / "bridge_state",
+                       use_distributed_optimizer=recipe.parallel.use_distributed_optimizer,
                        eval_iters=_eval_iters(recipe, recipe.correct), tokenizer=tokenizer)
     return BridgeRun(config, ForwardStep(), [HistoryCallback(out / "history.json"), SaveCheckpoint(arch, out)])
 
@@ -156,7 +156,7 @@ def distill_run(recipe: RecipeConfig) -> BridgeRun:
     teacher_dir = run.active_teacher()
     arch = load_arch(teacher_dir)
     model = pruned_provider(recipe, d.student)
-    teacher = TeacherFromCheckpoint(teacher_dir, params_dtype=model.params_dtype, **build_kwargs(recipe))
+    teacher = TeacherFromCheckpoint(teacher_dir, **build_kwargs(recipe))
     model.register_pre_wrap_hook(teacher)
     intermediate = None
     if d.intermediate_pairs:
@@ -166,6 +166,7 @@ def distill_run(recipe: RecipeConfig) -> BridgeRun:
     dataset, tokenizer = _dataset(recipe, run)
     out = run.distilled(d.student)
     config = container(model, dataset, d, seed=recipe.data.seed, checkpoint_dir=out / "bridge_state",
+                       use_distributed_optimizer=recipe.parallel.use_distributed_optimizer,
                        eval_iters=_eval_iters(recipe, d), tokenizer=tokenizer)
     loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k, chunk_size=d.chunk_size)
     forward_step = ForwardStep(teacher, loss, lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
@@ -177,7 +178,8 @@ def distill_run(recipe: RecipeConfig) -> BridgeRun:
 
 def score_run(recipe: RecipeConfig) -> BridgeRun:
     """Importance scoring through Bridge: an evaluation-only run over the calibration split whose passes feed the
-    ImportanceCallback; the loss-based depth metrics use score.num_validation validation sequences. Writes the
+    ImportanceCallback; the loss-based depth metrics use the selection split (data.num_selection sequences held
+    out from validation). Writes the
     run folder's scores/ (what `minitron prune` reads)."""
     run = RunDir(recipe.run_dir)
     s = recipe.score
@@ -186,15 +188,15 @@ def score_run(recipe: RecipeConfig) -> BridgeRun:
     model = _provider(recipe, arch, local=True)
     model.register_pre_wrap_hook(LoadWeights(teacher_dir))
     calibration = run.split("calibration")
-    dataset = PackedSequences(train_path=str(run.data / "calibration.pt"),
-                              validation_path=str(run.data / "calibration.pt"), seed=recipe.data.seed)
+    dataset = PackedSequences(train_path=str(run.data / "calibration.npy"),
+                              validation_path=str(run.data / "calibration.npy"), seed=recipe.data.seed)
     batches = TrainStageConfig(steps=1, micro_batch_size=s.micro_batch_size, global_batch_size=s.micro_batch_size,
                                warmup_steps=0)
     config = container(model, dataset, batches, seed=recipe.data.seed,
                        eval_iters=calibration.shape[0] // s.micro_batch_size, skip_train=True)
     callback = ImportanceCallback(arch, run.scores, seq_agg=s.seq_agg, batch_agg=s.batch_agg,
                                   depth_metrics=s.depth_metrics, block_sizes=s.block_sizes,
-                                  validation=run.split("validation")[:s.num_validation],
+                                  validation=run.split("selection")[:],
                                   micro_batch_size=s.micro_batch_size)
     return BridgeRun(config, ForwardStep(), [callback])
 

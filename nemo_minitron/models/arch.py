@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # Hugging Face model types that convert exactly
+
 
 @dataclass(frozen=True)
 class ModelArch:
@@ -29,6 +31,7 @@ class ModelArch:
     # Llama-3.x RoPE scaling (rope_type "llama3"): the factor; its low / high frequency factors 1 / 4 and original
     # context of 8192 positions are the ones Megatron-Core computes with. None: plain RoPE.
     rope_scaling_factor: float | None = None
+    model_type: str = "llama"  # Hugging Face model type it converts from and exports as (hf_convert.hf_model_type)
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -41,6 +44,8 @@ class ModelArch:
                 f"arch.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"arch.num_query_groups ({self.num_query_groups})"
             )
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"arch.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Raise ValueError unless every tensor-parallel-sharded size divides by ``tp_size``; KV groups may also be
@@ -103,18 +108,45 @@ def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
                          "the NeMo Framework container); use model.transformer_impl='local' here")
 
 
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+
+
+def params_dtype(name: str) -> torch.dtype:
+    """torch dtype of a recipe's model.params_dtype ("fp32" | "bf16" | "fp16")."""
+    if name not in PARAMS_DTYPES:
+        raise ValueError(f"model.params_dtype must be one of {list(PARAMS_DTYPES)}, got {name!r}")
+    return PARAMS_DTYPES[name]
+
+
+def _recompute_kwargs(recompute_granularity: str | None) -> dict:
+    """Megatron's activation recompute: "full" re-runs every transformer layer in backward from its saved input
+    (uniform method, one layer per unit); "selective" re-runs only the core attention (softmax(QK^T) V)."""
+    if recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"model.recompute_granularity must be one of {list(RECOMPUTE_GRANULARITIES)}, got "
+                         f"{recompute_granularity!r}")
+    if recompute_granularity == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return dict(recompute_granularity=recompute_granularity)
+
+
 def transformer_config_kwargs(arch: ModelArch, *, tensor_model_parallel_size: int,
                               pipeline_model_parallel_size: int, transformer_impl: str = "local",
                               fp8: str | None = None, params_dtype: torch.dtype = torch.float32,
-                              sequence_parallel: bool = False) -> dict:
+                              sequence_parallel: bool = False, recompute_granularity: str | None = None) -> dict:
     """Megatron-Core TransformerConfig fields for ``arch`` under this parallel layout (also the fields of a
     Megatron-Bridge GPTModelProvider, which is a TransformerConfig).
 
     transformer_impl: "local" (pure Megatron-Core modules, runs on CPU) or "transformer_engine" (GPU, enables FP8).
     fp8: None, "delayed" or "tensorwise" (current scaling); needs transformer_impl="transformer_engine".
+    params_dtype: torch.float32, or bfloat16 / float16 for Megatron's mixed precision (16-bit weights and
+        activations; the optimizer keeps float32 master weights).
+    recompute_granularity: None, "full" or "selective" activation recompute.
     """
     check_transformer_impl(transformer_impl, fp8)
     arch.check_tensor_parallel(tensor_model_parallel_size)
+    if params_dtype not in PARAMS_DTYPES.values():
+        raise ValueError(f"params_dtype must be one of {list(PARAMS_DTYPES.values())}, got {params_dtype}")
     on_gpu = torch.cuda.is_available()
     fp8_kwargs = {} if fp8 is None else dict(fp8="hybrid", fp8_recipe=fp8)
     return dict(
@@ -138,6 +170,7 @@ def transformer_config_kwargs(arch: ModelArch, *, tensor_model_parallel_size: in
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         bias_dropout_fusion=on_gpu,
@@ -150,6 +183,7 @@ def transformer_config_kwargs(arch: ModelArch, *, tensor_model_parallel_size: in
         # same model, with the same numerics.
         attention_softmax_in_fp32=True,
         cross_entropy_loss_fusion=False,
+        **_recompute_kwargs(recompute_granularity),
         **fp8_kwargs,
     )
 

@@ -33,13 +33,15 @@ def layer_spec(config):
 
 
 def build_gpt_model(arch: ModelArch, *, transformer_impl: str = "local", fp8: str | None = None,
-                    params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False):
-    """GPTModel for this rank's tensor shard and pipeline stage, on this rank's device."""
+                    params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                    recompute_granularity: str | None = None):
+    """GPTModel for this rank's tensor shard and pipeline stage, on this rank's device (options: see
+    models.arch.transformer_config_kwargs)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(arch, transformer_impl=transformer_impl, fp8=fp8, params_dtype=params_dtype,
-                                sequence_parallel=sequence_parallel)
+                                sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config),

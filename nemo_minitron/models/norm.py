@@ -13,8 +13,8 @@ import torch
 
 class RMSNorm(torch.nn.RMSNorm):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension (torch.nn.RMSNorm), built from a
-    TransformerConfig as Megatron-Core's build_module calls it."""
+    TransformerConfig as Megatron-Core's build_module calls it; the weight has the config's params_dtype."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)

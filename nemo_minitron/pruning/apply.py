@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nemo_minitron.models.arch import ModelArch
-from nemo_minitron.pruning.plan import PrunePlan
+from nemo_minitron.pruning.plan import PrunePlan, check_tp_sizes
 
 CONFIG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 # Cached sizes that are not widths: they differ between stages / layers by construction, or are the context
@@ -18,12 +18,14 @@ def apply_plan(model, arch: ModelArch, plan: PrunePlan) -> ModelArch:
 
     Every pruned Parameter is replaced by a smaller one (keeping its Megatron attributes), the dropped layers of
     this stage are removed and the rest renumbered (new layer_number = position in ``plan.layers_keep`` + 1), and
-    the sizes Megatron caches in the config and modules are updated. No communication: each rank slices its own
-    TP shard. Afterwards ``check_shapes`` verifies the model against a freshly built ``plan.arch``.
+    the sizes Megatron caches in the config and modules are updated. The plan's global keep indices may fall
+    unevenly on the source TP shards: each TP-sharded weight whose sharded axis is pruned is all-gathered over the
+    TP group, its kept units are selected, and this rank keeps its contiguous 1/TP of them (call it on every TP
+    rank). Replicated axes (hidden channels) are sliced locally. Afterwards ``check_shapes`` verifies the model
+    against a freshly built ``plan.arch``.
     """
     from megatron.core import parallel_state
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     _check_inputs(model, arch, plan, tp_size)
     new = plan.arch
@@ -37,7 +39,7 @@ def apply_plan(model, arch: ModelArch, plan: PrunePlan) -> ModelArch:
         for layer in model.decoder.layers:
             source = layer.layer_number - 1
             if source in plan.layers_keep:
-                _prune_layer(layer, arch, plan, source, hidden, tp_rank, tp_size)
+                _prune_layer(layer, arch, plan, source, hidden, tp_size)
                 _renumber(layer, plan.layers_keep.index(source) + 1)
                 kept.append(layer)
         model.decoder.layers = torch.nn.ModuleList(kept)
@@ -61,9 +63,7 @@ def _check_inputs(model, arch: ModelArch, plan: PrunePlan, tp_size: int) -> None
         if getattr(model.config, name) != getattr(arch, name):
             raise ValueError(f"model config {name}={getattr(model.config, name)} differs from arch.{name}="
                              f"{getattr(arch, name)}: pass the arch the model was built from")
-    if plan.tp_size % tp_size:
-        raise ValueError(f"plan.tp_size ({plan.tp_size}) must be a multiple of the tensor-parallel size ({tp_size}): "
-                         "make the plan with make_plan(..., tp_size=TP)")
+    check_tp_sizes(plan.arch, tp_size, "plan.arch")
     new, L = plan.arch, arch.num_layers
     expected = {"hidden_keep": (new.hidden_size,), "ffn_keep": (L, new.ffn_hidden_size),
                 "groups_keep": (L, new.num_query_groups),
@@ -76,38 +76,38 @@ def _check_inputs(model, arch: ModelArch, plan: PrunePlan, tp_size: int) -> None
         raise ValueError(f"plan.layers_keep {plan.layers_keep} must list {new.num_layers} layers in [0, {L - 1}]")
 
 
-def _prune_layer(layer, arch: ModelArch, plan: PrunePlan, source: int, hidden: torch.Tensor,
-                 tp_rank: int, tp_size: int) -> None:
+def _prune_layer(layer, arch: ModelArch, plan: PrunePlan, source: int, hidden: torch.Tensor, tp_size: int) -> None:
     """Prune one transformer layer's attention (groups, heads), MLP (neurons) and hidden channels on this TP rank."""
     new = plan.arch
     device = hidden.device
     d = arch.kv_channels
     per_group = arch.num_attention_heads // arch.num_query_groups
-    # This rank's kept groups (local index j) and, per group, the kept heads (index i within the group).
-    groups = _local(plan.groups_keep[source], tp_rank, tp_size, arch.num_query_groups // tp_size)
-    mine = slice(tp_rank * len(groups), (tp_rank + 1) * len(groups))
-    heads = plan.heads_keep[source, mine] - plan.groups_keep[source, mine].unsqueeze(-1) * per_group
-    # linear_qkv rows, per local group: per_group q heads, then k, then v, kv_channels rows each.
+    groups, heads = plan.groups_keep[source], plan.heads_keep[source]  # [G'], [G', A'/G'] global indices
+    # Full linear_qkv rows, group by group: per_group q heads, then k, then v, kv_channels rows each; every rank
+    # holds a contiguous 1/TP of them (a KV group may span ranks when there are fewer groups than ranks).
     kv = torch.tensor([per_group, per_group + 1]).expand(len(groups), 2)
-    qkv_heads = groups.unsqueeze(-1) * (per_group + 2) + torch.cat([heads, kv], dim=1)
-    proj_heads = groups.unsqueeze(-1) * per_group + heads
+    qkv_heads = groups.unsqueeze(-1) * (per_group + 2) + torch.cat([heads % per_group, kv], dim=1)
     attn = layer.self_attention
     _prune_linear(attn.linear_qkv, rows=_channels(qkv_heads, d).to(device), cols=hidden)
-    _prune_linear(attn.linear_proj, rows=hidden, cols=_channels(proj_heads, d).to(device))
+    _prune_linear(attn.linear_proj, rows=hidden, cols=_channels(heads, d).to(device))
 
-    heads_local, groups_local = new.num_attention_heads // tp_size, new.num_query_groups // tp_size
+    heads_local = new.num_attention_heads // tp_size
     attn.query_projection_size = d * new.num_attention_heads
     attn.kv_projection_size = d * new.num_query_groups
     attn.linear_qkv_out_dim = d * (new.num_attention_heads + 2 * new.num_query_groups)
-    for module in (attn, attn.core_attention):
-        module.num_attention_heads_per_partition = heads_local
-        module.num_query_groups_per_partition = groups_local
+    if new.num_query_groups < tp_size:  # Megatron-Core: each rank computes one KV group (with all its heads)
+        attn.num_query_groups_per_partition = 1
+        attn.num_attention_heads_per_partition = new.num_attention_heads // new.num_query_groups
+    else:
+        attn.num_query_groups_per_partition = new.num_query_groups // tp_size
+        attn.num_attention_heads_per_partition = heads_local
+    attn.core_attention.num_attention_heads_per_partition = heads_local
+    attn.core_attention.num_query_groups_per_partition = max(new.num_query_groups, tp_size) // tp_size
     attn.core_attention.hidden_size_per_partition = d * heads_local
 
     # SwiGLU: linear_fc1 holds [gate shard; up shard]; keep the same neurons in both halves.
-    ffn_shard = arch.ffn_hidden_size // tp_size
-    neurons = _local(plan.ffn_keep[source], tp_rank, tp_size, ffn_shard).to(device)
-    _prune_linear(layer.mlp.linear_fc1, rows=torch.cat([neurons, neurons + ffn_shard]), cols=hidden)
+    neurons = plan.ffn_keep[source].to(device)
+    _prune_linear(layer.mlp.linear_fc1, rows=neurons, cols=hidden, halves=2)
     _prune_linear(layer.mlp.linear_fc2, rows=hidden, cols=neurons)
     layer.mlp.input_size = new.hidden_size
 
@@ -115,18 +115,24 @@ def _prune_layer(layer, arch: ModelArch, plan: PrunePlan, source: int, hidden: t
     _prune_norm(layer.pre_mlp_layernorm, hidden)
 
 
-def _local(keep: torch.Tensor, tp_rank: int, tp_size: int, shard: int) -> torch.Tensor:
-    """This rank's part of a per-shard balanced global keep list, as indices local to its shard of ``shard``."""
-    n = len(keep) // tp_size
-    local = keep[tp_rank * n:(tp_rank + 1) * n] - tp_rank * shard
-    if not (0 <= int(local.min()) and int(local.max()) < shard):
-        raise ValueError(f"plan indices {keep.tolist()} are not balanced over {tp_size} TP shards of {shard}")
-    return local
-
-
 def _channels(slots: torch.Tensor, width: int) -> torch.Tensor:
     """Row indices of the ``width``-row blocks numbered ``slots`` (any shape), flattened in order."""
-    return (slots.unsqueeze(-1) * width + torch.arange(width)).flatten()
+    return (slots.unsqueeze(-1) * width + torch.arange(width, device=slots.device)).flatten()
+
+
+def _reshard(tensor: torch.Tensor, dim: int, keep: torch.Tensor, group, halves: int = 1) -> torch.Tensor:
+    """This rank's shard of the full tensor (all-gathered over ``group`` along ``dim``) after keeping the global
+    indices ``keep`` along ``dim``: the contiguous 1/TP of the kept units. With ``halves`` > 1 every shard is the
+    concatenation of that many fused parts (SwiGLU's [gate shard; up shard]), each gathered, kept and split alone."""
+    size = group.size()
+    if size == 1:
+        shards = [tensor]
+    else:
+        shards = [torch.empty_like(tensor) for _ in range(size)]
+        torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
+    parts = [torch.cat([shard.chunk(halves, dim)[i] for shard in shards], dim).index_select(dim, keep)
+             for i in range(halves)]
+    return torch.cat([part.chunk(size, dim)[group.rank()] for part in parts], dim)
 
 
 def _set_param(module, name: str, value: torch.Tensor) -> None:
@@ -138,35 +144,41 @@ def _set_param(module, name: str, value: torch.Tensor) -> None:
     setattr(module, name, new)
 
 
-def _prune_linear(linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    """Keep output ``rows`` and input ``cols`` (this rank's local indices, None = all) of a Column- or
-    RowParallelLinear and update its cached sizes."""
+def _prune_linear(linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None, halves: int = 1) -> None:
+    """Keep output ``rows`` and input ``cols`` (None = all) of a Column- or RowParallelLinear and update its cached
+    sizes. Indices along the TP-sharded axis (a column-parallel layer's rows, a row-parallel layer's columns) are
+    global and resharded over the TP group (``halves``: see ``_reshard``); the other axis is replicated."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+    if isinstance(linear, ColumnParallelLinear):
+        sharded, replicated, dim = rows, cols, 0
+    elif isinstance(linear, RowParallelLinear):
+        sharded, replicated, dim = cols, rows, 1
+    else:
+        raise TypeError(f"cannot prune {type(linear).__name__}: only Megatron-Core's local Column/RowParallelLinear")
+    group, tp_size = linear.tp_group, linear.tp_group.size()
     if linear.weight is not None:
         weight = linear.weight
-        if rows is not None:
-            weight = weight.index_select(0, rows)
-        if cols is not None:
-            weight = weight.index_select(1, cols)
+        if replicated is not None:
+            weight = weight.index_select(1 - dim, replicated)
+        if sharded is not None:
+            weight = _reshard(weight, dim, sharded, group, halves)
         _set_param(linear, "weight", weight)
-    if linear.bias is not None and rows is not None:
-        _set_param(linear, "bias", linear.bias.index_select(0, rows))
-    tp_size = linear.tp_group.size()
+    if linear.bias is not None and rows is not None:  # column-parallel: sharded like the rows; row-parallel: not
+        bias = _reshard(linear.bias, 0, rows, group, halves) if dim == 0 else linear.bias.index_select(0, rows)
+        _set_param(linear, "bias", bias)
     if isinstance(linear, ColumnParallelLinear):
         if rows is not None:
-            linear.output_size_per_partition = len(rows)
-            linear.output_size = len(rows) * tp_size
+            linear.output_size = len(rows) * halves
+            linear.output_size_per_partition = linear.output_size // tp_size
         if cols is not None:
             linear.input_size = len(cols)
-    elif isinstance(linear, RowParallelLinear):
+    else:
         if rows is not None:
             linear.output_size = len(rows)
         if cols is not None:
-            linear.input_size_per_partition = len(cols)
-            linear.input_size = len(cols) * tp_size
-    else:
-        raise TypeError(f"cannot prune {type(linear).__name__}: only Megatron-Core's local Column/RowParallelLinear")
+            linear.input_size_per_partition = len(cols) // tp_size
+            linear.input_size = len(cols)
 
 
 def _prune_norm(norm, keep: torch.Tensor) -> None:

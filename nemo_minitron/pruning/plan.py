@@ -1,4 +1,4 @@
-"""Pruning targets and the keep-index plan computed from importance scores (global indices, balanced per TP shard)."""
+"""Pruning targets and the keep-index plan computed from importance scores (global indices, independent of TP)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ class PruneTarget:
 def validate(arch: ModelArch, target: PruneTarget, tp_size: int = 1, scores: ImportanceScores | None = None) -> None:
     """Raise ValueError (naming the field, its value and what is allowed) if ``target`` cannot prune ``arch``.
 
-    Sharded sizes (num_query_groups, num_attention_heads, ffn_hidden_size) must divide by ``tp_size``; every KV group
-    keeps the same number of heads. With ``scores`` their shapes and the chosen layer metric are checked too.
+    The source and pruned sharded sizes must fit ``tp_size`` (see ``check_tp_sizes``); every KV group keeps the
+    same number of heads. With ``scores`` their shapes and the chosen layer metric are checked too.
     """
     if not isinstance(tp_size, int) or tp_size < 1:
         raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
@@ -83,13 +83,25 @@ def validate(arch: ModelArch, target: PruneTarget, tp_size: int = 1, scores: Imp
         raise ValueError(f"prune.num_attention_heads ({heads}) gives {heads // groups} heads per KV group but the "
                          f"source has {source_per_group}; allowed: at most {groups * source_per_group} for "
                          f"{groups} groups (heads never move between groups)")
-    for name in ("num_query_groups", "num_attention_heads", "ffn_hidden_size"):
-        for prefix, value in (("arch", getattr(arch, name)), ("prune", size(name))):
-            if value % tp_size:
-                raise ValueError(f"{prefix}.{name} ({value}) must be divisible by the tensor-parallel size "
-                                 f"({tp_size}): it is sharded over TP ranks")
+    new = target.new_arch(arch)
+    check_tp_sizes(arch, tp_size, "arch")
+    check_tp_sizes(new, tp_size, "prune")
     if scores is not None:
-        _validate_scores(arch, target, target.new_arch(arch), scores)
+        _validate_scores(arch, target, new, scores)
+
+
+def check_tp_sizes(arch: ModelArch, tp_size: int, prefix: str) -> None:
+    """Raise ValueError unless ``arch``'s TP-sharded sizes fit ``tp_size`` ranks: num_attention_heads and
+    ffn_hidden_size divide by it; num_query_groups divides by it or divides it (Megatron-Core then replicates each
+    KV group's K/V over tp_size / num_query_groups ranks). ``prefix`` names the fields in the message."""
+    for name in ("num_attention_heads", "ffn_hidden_size"):
+        if getattr(arch, name) % tp_size:
+            raise ValueError(f"{prefix}.{name} ({getattr(arch, name)}) must be divisible by the tensor-parallel size "
+                             f"({tp_size}): it is sharded over TP ranks")
+    groups = arch.num_query_groups
+    if groups % tp_size and tp_size % groups:
+        raise ValueError(f"{prefix}.num_query_groups ({groups}) must be divisible by the tensor-parallel size "
+                         f"({tp_size}) or divide it (then each KV group is replicated over TP ranks)")
 
 
 def _validate_scores(arch: ModelArch, target: PruneTarget, new: ModelArch, scores: ImportanceScores) -> None:
@@ -115,11 +127,11 @@ def _validate_scores(arch: ModelArch, target: PruneTarget, new: ModelArch, score
 
 @dataclass
 class PrunePlan:
-    """Global keep indices (sorted ascending) of every pruned axis, balanced over ``tp_size`` shards.
+    """Global keep indices (sorted ascending) of every pruned axis; the same for any parallel layout.
 
-    hidden_keep [H']:            hidden channels, the same on every rank
-    ffn_keep    [L, F']:         MLP neurons of each source layer, F'/TP from each contiguous TP shard
-    groups_keep [L, G']:         KV query groups of each source layer, G'/TP from each TP shard
+    hidden_keep [H']:            hidden channels
+    ffn_keep    [L, F']:         MLP neurons of each source layer
+    groups_keep [L, G']:         KV query groups of each source layer
     heads_keep  [L, G', A'/G']:  query heads (global within the layer) kept in each kept group
     layers_keep:                 kept source layers (0-based)
     arch:                        the pruned architecture
@@ -131,19 +143,19 @@ class PrunePlan:
     heads_keep: torch.Tensor
     layers_keep: list[int]
     arch: ModelArch
-    tp_size: int = 1
 
     def to_dict(self) -> dict:
-        return {"arch": self.arch.to_dict(), "tp_size": self.tp_size, "layers_keep": list(self.layers_keep),
+        return {"arch": self.arch.to_dict(), "layers_keep": list(self.layers_keep),
                 "hidden_keep": self.hidden_keep.tolist(), "ffn_keep": self.ffn_keep.tolist(),
                 "groups_keep": self.groups_keep.tolist(), "heads_keep": self.heads_keep.tolist()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "PrunePlan":
+        """The plan of ``to_dict``. Plans of older runs also record the "tp_size" their units were balanced over;
+        it is ignored: their keep indices are global too, and apply the same at any TP size."""
         index = {k: torch.tensor(values[k], dtype=torch.long)
                  for k in ("hidden_keep", "ffn_keep", "groups_keep", "heads_keep")}
-        return cls(**index, layers_keep=list(values["layers_keep"]), arch=ModelArch.from_dict(values["arch"]),
-                   tp_size=values["tp_size"])
+        return cls(**index, layers_keep=list(values["layers_keep"]), arch=ModelArch.from_dict(values["arch"]))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()) + "\n")
@@ -153,14 +165,11 @@ class PrunePlan:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def _top_per_shard(scores: torch.Tensor, keep: int, num_shards: int) -> torch.Tensor:
-    """Indices [R, keep] of the keep / num_shards highest scores within each of num_shards contiguous shards of
-    scores [R, N], as global indices in [0, N), sorted ascending."""
-    rows, n = scores.shape
-    shard, per_shard = n // num_shards, keep // num_shards
-    ranked = torch.argsort(scores.float().reshape(rows, num_shards, shard), dim=-1, descending=True, stable=True)
-    local = ranked[..., :per_shard].sort(dim=-1).values
-    return (local + shard * torch.arange(num_shards).view(1, num_shards, 1)).reshape(rows, keep)
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices [R, keep] of the ``keep`` highest values in each row of scores [R, N], sorted ascending; ties keep
+    the lower index."""
+    ranked = torch.argsort(scores.float(), dim=-1, descending=True, stable=True)
+    return ranked[:, :keep].sort(dim=-1).values
 
 
 def _layers_keep(arch: ModelArch, scores: ImportanceScores, target: PruneTarget, num_layers: int) -> list[int]:
@@ -179,27 +188,27 @@ def _layers_keep(arch: ModelArch, scores: ImportanceScores, target: PruneTarget,
     return [i for i in range(L) if i not in drop]
 
 
-def make_plan(arch: ModelArch, scores: ImportanceScores, target: PruneTarget, tp_size: int = 1) -> PrunePlan:
+def make_plan(arch: ModelArch, scores: ImportanceScores, target: PruneTarget) -> PrunePlan:
     """Keep the top-scored channels, neurons, groups, heads and layers of ``arch`` for ``target``.
 
-    Neurons and groups: the top F'/TP (G'/TP) of each TP shard; heads: the top A'/G' within each kept group;
-    hidden channels: the global top H'. Ties keep the lower index.
+    Hidden channels, neurons and groups: the global top H', F', G' (of each layer); heads: the top A'/G' within
+    each kept group; ties keep the lower index. The plan does not depend on the tensor-parallel size: ``apply_plan``
+    reshards the kept units evenly over the ranks.
     """
-    validate(arch, target, tp_size, scores)
+    validate(arch, target, scores=scores)
     new = target.new_arch(arch)
-    L = arch.num_layers
-    new_per_group = new.num_attention_heads // new.num_query_groups
-    groups_keep = _top_per_shard(scores.groups, new.num_query_groups, tp_size)
-    # every group is a "shard" of its own heads: [L, G * A'/G'] -> [L, G, A'/G'], then the kept groups' rows
-    heads_all = _top_per_shard(scores.heads, arch.num_query_groups * new_per_group, arch.num_query_groups)
-    heads_all = heads_all.view(L, arch.num_query_groups, new_per_group)
+    L, G = arch.num_layers, arch.num_query_groups
+    per_group, new_per_group = arch.num_attention_heads // G, new.num_attention_heads // new.num_query_groups
+    groups_keep = _top(scores.groups, new.num_query_groups)
+    # heads ranked within their group: [L * G, A/G] -> [L, G, A'/G'] global head indices, then the kept groups' rows
+    heads_all = _top(scores.heads.reshape(L * G, per_group), new_per_group).view(L, G, new_per_group)
+    heads_all = heads_all + per_group * torch.arange(G).view(1, G, 1)
     heads_keep = heads_all.gather(1, groups_keep.unsqueeze(-1).expand(-1, -1, new_per_group))
     return PrunePlan(
-        hidden_keep=_top_per_shard(scores.hidden.view(1, -1), new.hidden_size, 1)[0],
-        ffn_keep=_top_per_shard(scores.ffn, new.ffn_hidden_size, tp_size),
+        hidden_keep=_top(scores.hidden.view(1, -1), new.hidden_size)[0],
+        ffn_keep=_top(scores.ffn, new.ffn_hidden_size),
         groups_keep=groups_keep,
         heads_keep=heads_keep,
         layers_keep=_layers_keep(arch, scores, target, new.num_layers),
         arch=new,
-        tp_size=tp_size,
     )

@@ -16,7 +16,9 @@ line of the one place Bridge assumes CUDA:
    the compiled dataset helpers;
 6. ``set_jit_fusion_options`` (which warms up fused kernels on a CUDA device) is skipped;
 7. the model is built with ``use_cpu_initialization=True`` (Bridge's ``get_model`` otherwise moves it to CUDA);
-8. ``Tensor.cuda()`` returns the tensor itself (the evaluator's loss accumulators).
+8. ``Tensor.cuda()`` returns the tensor itself (the evaluator's loss accumulators);
+9. ``Tensor.type()`` names CPU tensors as CUDA ones (cpu_shims.cuda_type_names), so bf16 / fp16 runs get
+   Megatron's mixed-precision optimizer with float32 master weights.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import importlib
 import torch
 
 from nemo_minitron.runtime.absent_imports import absent_imports
-from nemo_minitron.runtime.cpu_shims import _TorchOnCpu, apply_cpu_shims
+from nemo_minitron.runtime.cpu_shims import _TorchOnCpu, apply_cpu_shims, cuda_type_names
 
 # Bridge modules that create tensors on device="cuda" on the training / evaluation path.
 _CUDA_FACTORY_MODULES = (
@@ -102,6 +104,7 @@ def bridge_cpu():
                             ("set_rng_state", lambda *a, **k: None)):
             stack.enter_context(patched(torch.cuda, name, value))
         stack.enter_context(patched(torch.Tensor, "cuda", lambda self, *args, **kwargs: self))
+        stack.enter_context(cuda_type_names())
         stack.enter_context(patched(torch.distributed, "barrier",
                                     _barrier_without_device_ids(torch.distributed.barrier)))
         yield

@@ -7,7 +7,8 @@ Every patch here is applied only when ``torch.cuda.is_available()`` is False, an
 4. tensors that the schedules, DDP buffers and optimizer create with ``device="cuda"`` are created on the CPU
    (those modules see a ``torch`` whose factory functions map a CUDA device to "cpu");
 5. the optimizer's gradient clipping (which asserts CUDA grads) scales CPU grads by max_norm / (total_norm + 1e-6);
-6. ``Tensor.cuda()`` is the identity while a tied model (PP > 1) syncs its output-layer copy of the embedding.
+6. ``Tensor.cuda()`` is the identity while a tied model (PP > 1) syncs its output-layer copy of the embedding;
+7. activation recompute's save / restore of the CUDA generator state does nothing (the CPU state is kept).
 Explicit attention masks are passed by our callers, so Megatron's default CUDA causal mask is never built.
 """
 
@@ -77,6 +78,7 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",  # fp16's loss scale
     "megatron.core.utils",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
@@ -141,6 +143,9 @@ def apply_cpu_shims() -> bool:
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    # Activation recompute saves and restores the CUDA generator's state with the CPU one's: there is none here.
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *a, **k: None
 
     cpu_torch = _TorchOnCpu()
     for module_name in _CUDA_FACTORY_MODULES:
@@ -164,3 +169,26 @@ def apply_cpu_shims() -> bool:
     torch.cuda.manual_seed_all = lambda *a, **k: None
     _APPLIED = True
     return True
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """While open on a machine without CUDA, ``Tensor.type()`` (no arguments) names a CPU tensor's type as its CUDA
+    twin ("torch.BFloat16Tensor" -> "torch.cuda.BFloat16Tensor"): Megatron's mixed-precision optimizers sort
+    parameters into 16-bit (given float32 master copies) and float32 ones by that string, and reject any other."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.type
+
+    def type_name(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu":
+            return result
+        return result.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original

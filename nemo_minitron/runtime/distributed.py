@@ -23,6 +23,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False  # shard norms, residuals and dropout over the TP group along the sequence
+    use_distributed_optimizer: bool = False  # shard float32 master weights and Adam states over data-parallel ranks
 
     def validate(self, world_size: int) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
