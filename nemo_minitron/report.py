@@ -86,8 +86,11 @@ def write_report(run, recipe) -> str:
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
         lines.append(f"| total | {sum(timings.values()):.0f} |")
     d = recipe.data
-    lines += ["", f"Data: `{d.source}`, sequences of {d.seq_length} tokens; calibration {d.num_calibration}, "
-              f"validation {d.num_validation}. Distillation: {recipe.distill.loss}, T={recipe.distill.temperature}, "
+    source = ", ".join(f"`{path}` ({weight:.0%})" for path, weight in d.sources()) if len(d.sources()) > 1 \
+        else f"`{d.source}`"
+    lines += ["", f"Data: {source}, sequences of {d.seq_length} tokens; calibration {d.num_calibration}, "
+              f"selection (depth search) {d.num_selection}, validation (this table) {d.num_validation}. "
+              f"Distillation: {recipe.distill.loss}, T={recipe.distill.temperature}, "
               f"{recipe.distill.steps} steps x {recipe.distill.global_batch_size} sequences, "
               f"lr {recipe.distill.lr} cosine to {recipe.distill.min_lr}."]
     markdown = "\n".join(lines) + "\n"
