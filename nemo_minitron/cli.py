@@ -4,6 +4,9 @@
   minitron run --recipe FILE [key=value ...]       every stage of a recipe
   minitron STAGE --run DIR [key=value ...]         re-run one stage on an existing run folder
   minitron STAGE --recipe FILE [key=value ...]     one stage of a recipe
+  minitron plan --recipe FILE --gpus N --gpu-memory-gib M [key=value ...]
+                                                   parameters, memory per GPU of every stage and throughput,
+                                                   before any compute; exits 1 if a stage cannot fit
 
 STAGE is one of prepare, correct-teacher (settings: the recipe's `correct` section), score, prune, distill,
 eval, report. Under torchrun / srun every rank runs the
@@ -16,12 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from nemo_minitron import pipeline
+from nemo_minitron import capacity, pipeline
 from nemo_minitron.config import load_recipe
 from nemo_minitron.runtime.console import quiet_known_warnings
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
-COMMANDS = ("demo", "run", *pipeline.STAGES)
+COMMANDS = ("demo", "run", "plan", *pipeline.STAGES)
 
 
 def parse_args(argv):
@@ -31,6 +34,14 @@ def parse_args(argv):
     parser.add_argument("--recipe", help="recipe YAML file")
     parser.add_argument("--run", help="existing run folder (its recipe.yaml is used)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. distill.steps=20")
+    plan = parser.add_argument_group("plan")
+    plan.add_argument("--gpus", type=int, help="number of GPUs (default: tensor x pipeline parallel size)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=capacity.H100_MEMORY_GIB,
+                      help="memory of one GPU (default: H100's %(default)g)")
+    plan.add_argument("--peak-tflops", type=float, default=capacity.H100_BF16_TFLOPS,
+                      help="peak TFLOP/s of one GPU (default: H100 SXM dense bf16, %(default)g)")
+    plan.add_argument("--mfu", type=float, default=capacity.DEFAULT_MFU,
+                      help="model FLOPs utilisation assumed (default %(default)g)")
     args = parser.parse_intermixed_args(argv)
     for item in args.overrides:
         if "=" not in item:
@@ -52,7 +63,8 @@ def resolve_recipe(args):
         path = DEMO_RECIPE
     else:
         raise SystemExit(f"minitron {args.command}: give --recipe FILE or --run DIR")
-    return load_recipe(path, overrides)
+    # `minitron plan` sizes a GPU run from any machine, e.g. a CPU login node without Transformer Engine
+    return load_recipe(path, overrides, on_this_machine=args.command != "plan")
 
 
 def main(argv=None) -> int:
@@ -62,6 +74,8 @@ def main(argv=None) -> int:
         recipe = resolve_recipe(args)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"minitron: {err}") from None
+    if args.command == "plan":
+        return capacity.plan_command(recipe, args.gpus, args.gpu_memory_gib, args.peak_tflops, args.mfu)
 
     from nemo_minitron.runtime.distributed import destroy_distributed, init_distributed
 

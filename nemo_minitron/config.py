@@ -155,9 +155,10 @@ class RecipeConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> "RecipeConfig":
-        """Check every setting that can be checked without loading the model or data."""
-        check_transformer_impl(self.model.transformer_impl, self.model.fp8)
+    def validate(self, on_this_machine: bool = True) -> "RecipeConfig":
+        """Check every setting that can be checked without loading the model or data (``on_this_machine``: also
+        that this machine can run the chosen layer implementation)."""
+        check_transformer_impl(self.model.transformer_impl, self.model.fp8, on_this_machine)
         _choice("model.params_dtype", self.model.params_dtype, PARAMS_DTYPES)
         _choice("model.recompute_granularity", self.model.recompute_granularity, RECOMPUTE_GRANULARITIES)
         if self.model.source != EMBEDDED_MODEL and not Path(self.model.source).is_dir():
@@ -224,8 +225,9 @@ def _positive(name, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> RecipeConfig:
-    """RecipeConfig from defaults <- YAML file <- `a.b=value` overrides, validated."""
+def load_recipe(path: str | Path | None = None, overrides: list[str] = (), on_this_machine: bool = True
+                ) -> RecipeConfig:
+    """RecipeConfig from defaults <- YAML file <- `a.b=value` overrides, validated (see RecipeConfig.validate)."""
     try:
         merged = OmegaConf.structured(RecipeConfig)
         if path is not None:
@@ -236,7 +238,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
         recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # unknown key or wrong type: OmegaConf names the full key
         raise ValueError(f"recipe {path or '(defaults)'}: {err}") from None
-    return recipe.validate()
+    return recipe.validate(on_this_machine)
 
 
 def save_recipe(recipe: RecipeConfig, path: str | Path) -> None:

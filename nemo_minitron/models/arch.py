@@ -95,15 +95,16 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
-    """Raise ValueError unless (transformer_impl, fp8) is a valid choice that this machine can run."""
+def check_transformer_impl(transformer_impl: str, fp8: str | None, on_this_machine: bool = True) -> None:
+    """Raise ValueError unless (transformer_impl, fp8) is a valid choice (that this machine can run, unless
+    ``on_this_machine`` is False: e.g. planning a GPU run on a CPU login node)."""
     if transformer_impl not in ("local", "transformer_engine"):
         raise ValueError(f"model.transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
     if fp8 not in (None, "delayed", "tensorwise"):
         raise ValueError(f"model.fp8 must be null, 'delayed' or 'tensorwise', got {fp8!r}")
     if fp8 is not None and transformer_impl != "transformer_engine":
         raise ValueError("model.fp8 needs model.transformer_impl='transformer_engine'")
-    if transformer_impl == "transformer_engine" and not transformer_engine_available():
+    if on_this_machine and transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise ValueError("model.transformer_impl='transformer_engine' needs Transformer Engine and a GPU (it ships in "
                          "the NeMo Framework container); use model.transformer_impl='local' here")
 
