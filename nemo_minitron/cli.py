@@ -2,7 +2,7 @@
 
   minitron demo [key=value ...]                    the embedded default end to end (SmolLM2-135M, Shakespeare)
   minitron run --recipe FILE [key=value ...]       every stage of a recipe
-  minitron STAGE --run DIR [key=value ...]         re-run one stage on an existing run folder
+  minitron STAGE --run-dir DIR [key=value ...]     re-run one stage on an existing run folder (also --run DIR)
   minitron STAGE --recipe FILE [key=value ...]     one stage of a recipe
   minitron plan --recipe FILE --gpus N --gpu-memory-gib M [key=value ...]
                                                    parameters, memory per GPU of every stage and throughput,
@@ -32,7 +32,9 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--recipe", help="recipe YAML file")
-    parser.add_argument("--run", help="existing run folder (its recipe.yaml is used)")
+    parser.add_argument("--run-dir", "--run", dest="run", metavar="DIR",
+                        help="existing run folder (its recipe.yaml is used); under torchrun write --run-dir, since "
+                             "torchrun reads --run as an abbreviation of its own --run-path")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. distill.steps=20")
     plan = parser.add_argument_group("plan")
     plan.add_argument("--gpus", type=int, help="number of GPUs (default: tensor x pipeline parallel size)")

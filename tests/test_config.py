@@ -57,12 +57,16 @@ SMOLLM2 = ModelArch(num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_at
 
 
 def test_the_readme_parallel_demo_commands_fit_the_model():
-    """Every `torchrun` command of the README on the demo (`--recipe recipes/demo.yaml ...`, or `--run DIR` of a
-    run folder such a command made) gives a layout whose TP size divides the teacher's and every target's sharded
-    sizes, checked as `minitron prepare` checks them before any compute."""
+    """Every `torchrun` command of the README parses as torchrun parses it (its own flags, e.g. --run-path, must not
+    swallow ours), and on the demo (`--recipe recipes/demo.yaml ...`, or `--run-dir DIR` of a run folder such a
+    command made) gives a layout whose TP size divides the teacher's and every target's sharded sizes, checked as
+    `minitron prepare` checks them before any compute."""
     import re
     import shlex
 
+    from torch.distributed.run import get_args_parser
+
+    from nemo_minitron.cli import parse_args
     from nemo_minitron.pruning.plan import validate
 
     readme = (DEMO_RECIPE.parent.parent / "README.md").read_text()
@@ -71,13 +75,17 @@ def test_the_readme_parallel_demo_commands_fit_the_model():
     run_overrides = {}  # run folder -> the overrides of the command that made it
     checked = 0
     for words in commands:
+        launched = get_args_parser().parse_args(words[1:])  # exits on an ambiguous or unknown flag
+        assert words[-len(launched.training_script_args):] == launched.training_script_args
+        if launched.training_script == "nemo_minitron.cli":
+            assert parse_args(launched.training_script_args).command in ("run", "distill")
         nproc = int(words[words.index("--nproc-per-node") + 1])
         if "--recipe" in words and words[words.index("--recipe") + 1] == "recipes/demo.yaml":
             overrides = words[words.index("--recipe") + 2:]
             run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
             run_overrides[run_dir] = overrides
-        elif "--run" in words and words[words.index("--run") + 1] in run_overrides:
-            overrides = run_overrides[words[words.index("--run") + 1]] + words[words.index("--run") + 2:]
+        elif "--run-dir" in words and words[words.index("--run-dir") + 1] in run_overrides:
+            overrides = run_overrides[words[words.index("--run-dir") + 1]] + words[words.index("--run-dir") + 2:]
         else:
             continue
         recipe = load_recipe(DEMO_RECIPE, overrides)
@@ -91,3 +99,6 @@ def test_the_readme_parallel_demo_commands_fit_the_model():
     assert checked == 2, f"expected the README's two parallel demo commands, checked {checked}"
     with pytest.raises(ValueError, match="tensor_model_parallel_size=2"):  # the README once documented TP=2
         SMOLLM2.check_tensor_parallel(2)
+    assert parse_args(["distill", "--run-dir", "x"]).run == parse_args(["distill", "--run", "x"]).run == "x"
+    with pytest.raises(SystemExit):  # ... and `--run DIR`, which torchrun reads as its --run-path
+        get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "nemo_minitron.cli", "distill", "--run", "x"])

@@ -54,7 +54,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND")
     parser.add_argument("--recipe", help="recipe YAML file")
-    parser.add_argument("--run", help="existing run folder (its recipe.yaml is used)")
+    parser.add_argument("--run-dir", "--run", dest="run", metavar="DIR",
+                        help="existing run folder (its recipe.yaml is used); under torchrun write --run-dir, since "
+                             "torchrun reads --run as an abbreviation of its own --run-path")
     parser.add_argument("--dry-run", action="store_true", help="print the Bridge ConfigContainer and exit")
     parser.add_argument("overrides", nargs="*", help="recipe or Bridge overrides, key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
