@@ -125,6 +125,25 @@ def test_chunked_kd_loss_with_lm_loss_equals_unchunked(tiny_arch, single_process
         torch.testing.assert_close(p, reference[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tiny_arch, single_process,
+                                                                                    tmp_path):
+    model = build_gpt_model(tiny_arch)
+    seqs = _sequences(tiny_arch, 8)
+    cfg = TrainConfig(steps=4, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-3, save_interval=2)
+    train(model, seqs, TrainConfig(steps=2, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-3),
+          checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+    with torch.no_grad():
+        model.decoder.layers[1].mlp.linear_fc2.weight[0, 0] = float("nan")  # e.g. a diverged or corrupt weight
+    before = _params(model)
+    with pytest.raises(FloatingPointError, match=r"training step 1: lm loss is nan .*latest still names "
+                                                 r"iter_0000002"):
+        train(model, seqs, cfg, checkpoint_dir=tmp_path, arch=tiny_arch, resume=False, progress=False)
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002"]
+    after = _params(model)  # no update was applied: the NaN did not spread into the other weights
+    assert all(torch.equal(after[k], v) for k, v in before.items() if torch.isfinite(v).all())
+
+
 def test_cached_teacher_equals_live_top_k(tiny_arch, single_process, tmp_path):
     teacher = Teacher(build_gpt_model(tiny_arch))
     student = build_gpt_model(tiny_arch)

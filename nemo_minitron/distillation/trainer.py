@@ -12,6 +12,7 @@ decay to min_lr).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -146,6 +147,21 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
     return state["step"], state["history"]
 
 
+def _stop_if_nonfinite(values: dict, step: int, lr: float, checkpoint_dir: Path | None) -> None:
+    """FloatingPointError naming the first non-finite value of ``values`` (losses, grad_norm) at ``step``: the run
+    stops before anything of this step is saved, so checkpoint_dir/latest keeps the last good checkpoint."""
+    bad = {name: value for name, value in values.items() if value is not None and not math.isfinite(value)}
+    if not bad:
+        return
+    name, value = next(iter(bad.items()))
+    kept = "nothing was saved"
+    if checkpoint_dir is not None and (checkpoint_dir / LATEST).is_file():
+        kept = f"{checkpoint_dir / LATEST} still names {(checkpoint_dir / LATEST).read_text().strip()}"
+    raise FloatingPointError(f"training step {step}: {name.replace('_', ' ')} is {value} (lr {lr:.3g}); the run "
+                             f"stopped before saving this step ({kept}): lower the learning rate, or check the data "
+                             "and the model loaded for non-finite values")
+
+
 def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: ForwardStep | None = None, *,
           validation: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None, arch=None,
           resume: bool = True, progress: bool = True) -> list[dict]:
@@ -167,6 +183,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     History: one dict per logged step: step, lr, loss (the minimised objective), kd_loss / lm_loss / inter_loss
     (unweighted components; inter_loss is the mean over the pairs), grad_norm, seconds, val_loss at evaluation
     steps, and skipped=True on a step whose update fp16 loss scaling skipped (inf / NaN gradients).
+    A non-finite loss (checked before the update) or gradient norm stops the run with FloatingPointError before
+    anything of that step is saved, so checkpoint_dir/latest keeps the last good checkpoint.
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -247,11 +265,13 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
                     model=[ddp_model], num_microbatches=num_microbatches, seq_length=seq_length,
                     micro_batch_size=cfg.micro_batch_size, forward_only=False,
                     adjust_tensor_shapes_fn=adjust_tensor_shapes)
+            losses = token_weighted_means(outputs, REPORTED_LOSSES)
+            _stop_if_nonfinite(losses, step + 1, lr, checkpoint_dir)  # before the update: the weights stay good
             update_successful, grad_norm, _ = optimizer.step()
             if update_successful:  # fp16 loss scaling skips steps with inf / NaN gradients
                 scheduler.step(increment=1)
+                _stop_if_nonfinite({"grad_norm": grad_norm}, step + 1, lr, checkpoint_dir)
             step += 1
-            losses = token_weighted_means(outputs, REPORTED_LOSSES)
             loss = losses["lm_loss"] if teacher is None else losses.pop("objective")
             entry = {"step": step, "lr": lr, "loss": loss, **losses, "grad_norm": grad_norm,
                      "seconds": time.perf_counter() - start}
