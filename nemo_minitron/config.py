@@ -236,10 +236,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), on_th
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         recipe = OmegaConf.to_object(merged)
+        # as written, for save_recipe: interpolations such as ${oc.env:HF_TOKEN} stay unresolved (no secrets on disk)
+        recipe._unresolved_yaml = OmegaConf.to_yaml(merged)
     except OmegaConfBaseException as err:  # unknown key or wrong type: OmegaConf names the full key
         raise ValueError(f"recipe {path or '(defaults)'}: {err}") from None
     return recipe.validate(on_this_machine)
 
 
 def save_recipe(recipe: RecipeConfig, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(recipe)))
+    """Write ``recipe`` as YAML; one from load_recipe keeps its interpolations (e.g. ${oc.env:VAR}) unresolved, so
+    loading the file again resolves them then."""
+    text = getattr(recipe, "_unresolved_yaml", None) or OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    Path(path).write_text(text)

@@ -102,3 +102,18 @@ def test_the_readme_parallel_demo_commands_fit_the_model():
     assert parse_args(["distill", "--run-dir", "x"]).run == parse_args(["distill", "--run", "x"]).run == "x"
     with pytest.raises(SystemExit):  # ... and `--run DIR`, which torchrun reads as its --run-path
         get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "nemo_minitron.cli", "distill", "--run", "x"])
+
+
+def test_saved_recipe_keeps_environment_interpolations_unresolved(tmp_path, monkeypatch):
+    """A secret or site path passed as ${oc.env:VAR} is used, but the run folder's recipe.yaml holds the reference,
+    not the value; loading that file resolves it again."""
+    from nemo_minitron.config import save_recipe
+
+    monkeypatch.setenv("MINITRON_TEST_SECRET", "s3cr3t-path")
+    recipe = load_recipe(DEMO_RECIPE, ["data.text_field=${oc.env:MINITRON_TEST_SECRET}", "distill.steps=7"])
+    assert recipe.data.text_field == "s3cr3t-path"
+    save_recipe(recipe, tmp_path / "recipe.yaml")
+    text = (tmp_path / "recipe.yaml").read_text()
+    assert "${oc.env:MINITRON_TEST_SECRET}" in text and "s3cr3t-path" not in text
+    again = load_recipe(tmp_path / "recipe.yaml")
+    assert again.data.text_field == "s3cr3t-path" and again.distill.steps == 7 and again.prune == recipe.prune
