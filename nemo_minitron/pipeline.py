@@ -2,7 +2,7 @@
 re-run alone (`minitron score|prune|distill|eval|report --run DIR`).
 
 run folder:
-  recipe.yaml                 the resolved recipe
+  recipe.yaml                 the recipe, interpolations such as ${oc.env:VAR} kept as written
   data/                       windows.json + {calibration,validation,selection,train}.npy: the splits as window
                               indices into token files memory-mapped from the cache folder (data/splits.py)
   tokenizer/                  the teacher's tokenizer (for export)
