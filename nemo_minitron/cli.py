@@ -4,6 +4,10 @@
   minitron run --recipe FILE [key=value ...]       every stage of a recipe
   minitron STAGE --run-dir DIR [key=value ...]     re-run one stage on an existing run folder (also --run DIR)
   minitron STAGE --recipe FILE [key=value ...]     one stage of a recipe
+  minitron study [--quick] [--recipe FILE] [key=value ...]
+                                                   arms of equal size and token budget (Minitron width / depth,
+                                                   random importance, from scratch, teacher-generated text, two
+                                                   rounds) on recipes/study.yaml; resumable; see nemo_minitron/study.py
   minitron plan --recipe FILE --gpus N --gpu-memory-gib M [key=value ...]
                                                    parameters, memory per GPU of every stage and throughput,
                                                    before any compute; exits 1 if a stage cannot fit
@@ -24,7 +28,12 @@ from nemo_minitron.config import load_recipe
 from nemo_minitron.runtime.console import quiet_known_warnings
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
-COMMANDS = ("demo", "run", "plan", *pipeline.STAGES)
+STUDY_RECIPE = DEMO_RECIPE.with_name("study.yaml")
+# `minitron study --quick`: every arm at a tenth of the budget, for a first look (and the tests)
+QUICK_STUDY = ["distill.steps=20", "distill.eval_interval=5", "distill.warmup_steps=2", "correct.steps=4",
+               "correct.warmup_steps=1",
+               "data.num_validation=8", "data.num_calibration=8", "run_dir=runs/study-quick"]
+COMMANDS = ("demo", "run", "plan", "study", *pipeline.STAGES)
 
 
 def parse_args(argv):
@@ -36,6 +45,7 @@ def parse_args(argv):
                         help="existing run folder (its recipe.yaml is used); under torchrun write --run-dir, since "
                              "torchrun reads --run as an abbreviation of its own --run-path")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. distill.steps=20")
+    parser.add_argument("--quick", action="store_true", help="study: a tenth of the token budget")
     plan = parser.add_argument_group("plan")
     plan.add_argument("--gpus", type=int, help="number of GPUs (default: tensor x pipeline parallel size)")
     plan.add_argument("--gpu-memory-gib", type=float, default=capacity.H100_MEMORY_GIB,
@@ -52,8 +62,10 @@ def parse_args(argv):
 
 
 def resolve_recipe(args):
-    """The recipe for this command: --run DIR's saved recipe, --recipe FILE, or the demo's."""
-    overrides = list(args.overrides)
+    """The recipe for this command: --run DIR's saved recipe, --recipe FILE, or the demo's (the study's)."""
+    if args.quick and args.command != "study":
+        raise SystemExit(f"minitron {args.command}: --quick is an option of `minitron study`")
+    overrides = (QUICK_STUDY if args.quick else []) + list(args.overrides)
     if args.run:
         path = Path(args.run) / "recipe.yaml"
         if not path.exists():
@@ -61,8 +73,8 @@ def resolve_recipe(args):
         overrides.append(f"run_dir={args.run}")
     elif args.recipe:
         path = args.recipe
-    elif args.command == "demo":
-        path = DEMO_RECIPE
+    elif args.command in ("demo", "study"):
+        path = DEMO_RECIPE if args.command == "demo" else STUDY_RECIPE
     else:
         raise SystemExit(f"minitron {args.command}: give --recipe FILE or --run DIR")
     # `minitron plan` sizes a GPU run from any machine, e.g. a CPU login node without Transformer Engine
@@ -83,7 +95,11 @@ def main(argv=None) -> int:
 
     init_distributed(recipe.parallel, seed=recipe.data.seed)
     try:
-        if args.command in ("demo", "run"):
+        if args.command == "study":
+            from nemo_minitron.study import Study
+
+            Study(recipe).run_all()
+        elif args.command in ("demo", "run"):
             markdown = pipeline.run_all(recipe)
             pipeline.log("\n" + markdown + f"\nReport: {Path(recipe.run_dir) / 'report.md'}")
         else:

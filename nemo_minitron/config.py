@@ -6,7 +6,8 @@ file. Everything is validated before any compute, with errors that name the fiel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib.util
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,6 +82,10 @@ class ScoreConfig:
     batch_agg: str = "l2"
     depth_metrics: list[str] = field(default_factory=lambda: ["block_influence"])
     block_sizes: list[int] = field(default_factory=list)  # contiguous blocks to search (on data.num_selection)
+    # null: every block's loss on whole windows; n: screen on the first n tokens of each window, then re-measure
+    # the screen_keep best blocks of each size on whole windows and pick among those
+    screen_tokens: Optional[int] = None
+    screen_keep: int = 3
 
 
 @dataclass
@@ -126,6 +131,10 @@ class DistillConfig(TrainStageConfig):
     loss: str = "forward_kl"
     temperature: float = 1.0
     top_k: Optional[int] = None  # for loss=topk_forward_kl
+    # K: distil from the teacher's top-K log-probs over the sequences this run trains on, computed once and kept
+    # in the cache folder under a name made of the teacher's content, K and the sequences (reused by any run with
+    # the same three); the loss is then forward KL to the teacher renormalised over its top K. null: live teacher.
+    cached_teacher_top_k: Optional[int] = None
     chunk_size: Optional[int] = None  # tokens per chunk of the KD loss (bounds float32 probability memory)
     fuse_output_layer: bool = False  # compute the logits inside the chunked loss: full logits never exist
     lm_loss_weight: float = 0.0
@@ -139,7 +148,40 @@ class DistillConfig(TrainStageConfig):
 
 @dataclass
 class EvalConfig:
-    micro_batch_size: int = 4
+    """Validation loss of every model in the run folder, and optionally lm-evaluation-harness tasks (needs
+    `pip install 'nemo-minitron[eval]'`)."""
+
+    micro_batch_size: int = 4  # also the batch size of the task requests
+    tasks: list[str] = field(default_factory=list)  # lm_eval task or group names, e.g. [hellaswag, arc_easy]
+    num_fewshot: Optional[int] = None  # null: each task's own setting (else 0)
+    task_limit: Optional[int] = None  # evaluate only the first N documents of each task
+    task_path: Optional[str] = None  # a folder of extra task YAMLs (e.g. local tasks on an offline machine)
+
+
+@dataclass
+class RoundConfig:
+    """One round of multi-round compression: prune ``target`` (a key of prune) from the previous round's student
+    (the teacher for round 1) and distil it from that model for ``steps`` steps (other settings: distill)."""
+
+    target: str = ""
+    steps: int = 100
+
+
+@dataclass
+class StudyConfig:
+    """`minitron study` (nemo_minitron/study.py): which arms, which prune targets they use, and the text sampling
+    of the sdg_lm arm. The token budget of every arm is distill.steps x distill.global_batch_size x seq_length."""
+
+    arms: list[str] = field(default_factory=lambda: [
+        "minitron_width", "minitron_width_uncorrected", "depth_block_search", "depth_block_influence",
+        "width_random_importance", "scratch_lm", "scratch_kd", "sdg_lm", "two_rounds"])
+    width_target: str = "width"
+    depth_target: str = "depth"
+    round_target: str = "width70"  # round 1 of the two_rounds arm (round 2 prunes width_target from it)
+    sdg_prompt_tokens: int = 16
+    sdg_temperature: float = 1.0
+    sdg_batch_size: int = 16
+    scratch_lr: Optional[float] = None  # peak lr of the scratch arms (min_lr scaled alike); null: distill.lr
 
 
 @dataclass
@@ -153,6 +195,8 @@ class RecipeConfig:
     prune: dict[str, PruneTarget] = field(default_factory=dict)
     correct: CorrectConfig = field(default_factory=CorrectConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    rounds: list[RoundConfig] = field(default_factory=list)  # multi-round compression (replaces prune + distill)
+    study: StudyConfig = field(default_factory=StudyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, on_this_machine: bool = True) -> "RecipeConfig":
@@ -181,7 +225,27 @@ class RecipeConfig:
         if d.num_train != -1:
             _positive("data.num_train", d.num_train)
         _positive("score.micro_batch_size", self.score.micro_batch_size)
+        _positive("score.screen_keep", self.score.screen_keep)
+        if self.score.screen_tokens is not None and not (isinstance(self.score.screen_tokens, int)
+                                                         and 1 <= self.score.screen_tokens <= d.seq_length):
+            raise ValueError(f"score.screen_tokens must be null or an integer in 1..data.seq_length={d.seq_length}, "
+                             f"got {self.score.screen_tokens!r}")
         _positive("eval.micro_batch_size", self.eval.micro_batch_size)
+        ev = self.eval
+        if not all(ev.tasks):
+            raise ValueError(f"eval.tasks must be lm_eval task names, got {ev.tasks}")
+        if ev.num_fewshot is not None and ev.num_fewshot < 0:
+            raise ValueError(f"eval.num_fewshot must be null or an integer >= 0, got {ev.num_fewshot}")
+        if ev.task_limit is not None:
+            _positive("eval.task_limit", ev.task_limit)
+        if ev.task_path is not None and not Path(ev.task_path).is_dir():
+            raise ValueError(f"eval.task_path: {ev.task_path!r} is not a folder (of lm_eval task YAMLs)")
+        pp = self.parallel.pipeline_model_parallel_size
+        if ev.tasks and pp != 1:
+            raise ValueError(f"eval.tasks run on a single pipeline stage: they need "
+                             f"parallel.pipeline_model_parallel_size=1, got {pp}")
+        if ev.tasks and on_this_machine and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("eval.tasks needs lm-evaluation-harness: pip install 'nemo-minitron[eval]'")
         for name, target in self.prune.items():
             if not name.isidentifier():
                 raise ValueError(f"prune: target name {name!r} must be a plain identifier (it names a folder)")
@@ -194,11 +258,29 @@ class RecipeConfig:
         if self.prune and dist.student not in self.prune:
             raise ValueError(f"distill.student: {dist.student!r} is not a prune target; allowed: {sorted(self.prune)}")
         _choice("distill.loss", dist.loss, KD_LOSSES)
+        for i, r in enumerate(self.rounds):
+            if r.target not in self.prune:
+                raise ValueError(f"rounds[{i}].target: {r.target!r} is not a prune target; allowed: "
+                                 f"{sorted(self.prune)}")
+            try:
+                replace(dist, steps=r.steps).train_config(seed=d.seed)
+            except ValueError as err:
+                raise ValueError(f"rounds[{i}]: {err}".replace("train.", "distill.").replace(
+                    "distill.steps", f"rounds[{i}].steps")) from None
         if (dist.loss == "topk_forward_kl") != (dist.top_k is not None):
             raise ValueError(f"distill.top_k is required by, and only used by, distill.loss: topk_forward_kl "
                              f"(loss={dist.loss!r}, top_k={dist.top_k!r})")
         if dist.top_k is not None:
             _positive("distill.top_k", dist.top_k)
+        if dist.cached_teacher_top_k is not None:
+            _positive("distill.cached_teacher_top_k", dist.cached_teacher_top_k)
+            if dist.loss not in ("forward_kl", "topk_forward_kl") or dist.top_k not in (None, dist.cached_teacher_top_k):
+                raise ValueError(f"distill.cached_teacher_top_k distils forward KL over the cached top K: it needs "
+                                 f"distill.loss forward_kl (or topk_forward_kl with top_k equal to it), got "
+                                 f"loss={dist.loss!r}, top_k={dist.top_k!r}")
+            if dist.intermediate_pairs or dist.fuse_output_layer:
+                raise ValueError("distill.cached_teacher_top_k keeps only the teacher's log-probs: it cannot be "
+                                 "combined with distill.intermediate_pairs or distill.fuse_output_layer")
         if dist.chunk_size is not None:
             _positive("distill.chunk_size", dist.chunk_size)
         if dist.temperature <= 0:

@@ -11,6 +11,7 @@ run folder:
   scores/                     importance scores (safetensors + json) and their plots
   pruned/<target>/            pruned Megatron-Core checkpoint + plan.json
   distilled/<target>/         distilled student checkpoint + history.json; hf/ its Hugging Face export
+  rounds/<source>/scores/     with ``rounds``: importance scores of a round's distilled student (next round's source)
   eval.json, timings.json, report.md, plots/
 """
 
@@ -173,14 +174,16 @@ def prepare(recipe: RecipeConfig) -> None:
         log(f"[prepare] teacher {arch.num_parameters() / 1e6:.1f}M parameters -> {run.teacher}")
 
 
-def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: Path, forward_step=None):
-    """Megatron-Core training of ``model`` on the run's train split with ``forward_step`` (default: LM loss); state
-    (for resume) in out_dir/train_state."""
+def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: Path, forward_step=None,
+           train_split=None):
+    """Megatron-Core training of ``model`` on ``train_split`` (default: the run's train split) with
+    ``forward_step`` (default: LM loss); state (for resume) in out_dir/train_state."""
     from nemo_minitron.distillation.trainer import train
 
     cfg = stage_cfg.train_config(seed=recipe.data.seed,
                                  use_distributed_optimizer=recipe.parallel.use_distributed_optimizer)
-    return train(model, run.split("train"), cfg, forward_step, validation=run.split("validation"), arch=arch,
+    train_split = run.split("train") if train_split is None else train_split
+    return train(model, train_split, cfg, forward_step, validation=run.split("validation"), arch=arch,
                  checkpoint_dir=out_dir / "train_state")
 
 
@@ -196,34 +199,56 @@ def correct(recipe: RecipeConfig) -> None:
         _write_json(run.teacher_corrected / "history.json", history)
 
 
-def score(recipe: RecipeConfig) -> None:
-    """Importance of every width axis and of layers, from forward passes over the calibration split; the
-    loss-based depth metrics on the selection split (held out from the validation split that eval reports)."""
+def score_model(recipe: RecipeConfig, model_dir: Path, out_dir: Path):
+    """ImportanceScores of the checkpoint ``model_dir`` (see ``score``), saved with their plots in ``out_dir``."""
     from nemo_minitron.importance.plots import plot_importance
     from nemo_minitron.importance.compute import compute_importance
 
     run = RunDir(recipe.run_dir)
+    model, arch = _load(model_dir, recipe, local=True)
+    s = recipe.score
+    scores = compute_importance(
+        model, arch, _local_split(run.split("calibration")), _local_split(run.split("selection")),
+        seq_length=recipe.data.seq_length, micro_batch_size=s.micro_batch_size, seq_agg=s.seq_agg,
+        batch_agg=s.batch_agg, depth_metrics=tuple(s.depth_metrics), block_sizes=tuple(s.block_sizes),
+        screen_tokens=s.screen_tokens, screen_keep=s.screen_keep,
+    )
+    if is_rank0():
+        scores.save(out_dir)
+        plot_importance(scores, out_dir)
+    log(f"[score] scores of {model_dir} and plots -> {out_dir}")
+    return scores
+
+
+def score(recipe: RecipeConfig) -> None:
+    """Importance of every width axis and of layers, from forward passes over the calibration split; the
+    loss-based depth metrics on the selection split (held out from the validation split that eval reports)."""
+    run = RunDir(recipe.run_dir)
     with timed(run, "score"):
-        model, arch = _load(run.require(run.active_teacher(), "prepare"), recipe, local=True)
-        s = recipe.score
-        scores = compute_importance(
-            model, arch, _local_split(run.split("calibration")), _local_split(run.split("selection")),
-            seq_length=recipe.data.seq_length, micro_batch_size=s.micro_batch_size, seq_agg=s.seq_agg,
-            batch_agg=s.batch_agg,
-            depth_metrics=tuple(s.depth_metrics), block_sizes=tuple(s.block_sizes),
-        )
-        if is_rank0():
-            scores.save(run.scores)
-            plot_importance(scores, run.scores)
-        log(f"[score] scores and plots -> {run.scores}")
+        score_model(recipe, run.require(run.active_teacher(), "prepare"), run.scores)
+
+
+def prune_model(recipe: RecipeConfig, source_dir: Path, scores, target, out_dir: Path):
+    """Prune a fresh copy of the checkpoint ``source_dir`` to ``target`` by ``scores``; saves the pruned
+    checkpoint and plan.json in ``out_dir``; returns the pruned ModelArch."""
+    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.pruning.apply import apply_plan
+    from nemo_minitron.pruning.plan import make_plan
+
+    model, arch = _load(source_dir, recipe, local=True)
+    plan = make_plan(arch, scores, target)
+    new_arch = apply_plan(model, arch, plan)
+    save_checkpoint(model, new_arch, out_dir)
+    _write_json(out_dir / "plan.json", plan.to_dict())
+    log(f"[prune] {out_dir.name}: {arch.num_parameters() / 1e6:.1f}M -> {new_arch.num_parameters() / 1e6:.1f}M "
+        f"parameters (layers {new_arch.num_layers}, hidden {new_arch.hidden_size}, ffn {new_arch.ffn_hidden_size}, "
+        f"heads {new_arch.num_attention_heads}, groups {new_arch.num_query_groups})")
+    return new_arch
 
 
 def prune(recipe: RecipeConfig) -> None:
     """Apply every prune target to a fresh copy of the teacher and save each pruned model."""
     from nemo_minitron.importance.scores import ImportanceScores
-    from nemo_minitron.models.checkpoint import save_checkpoint
-    from nemo_minitron.pruning.apply import apply_plan
-    from nemo_minitron.pruning.plan import make_plan
 
     run = RunDir(recipe.run_dir)
     if not recipe.prune:
@@ -231,54 +256,103 @@ def prune(recipe: RecipeConfig) -> None:
     with timed(run, "prune"):
         scores = ImportanceScores.load(run.scores)
         for name, target in recipe.prune.items():
-            model, arch = _load(run.active_teacher(), recipe, local=True)
-            plan = make_plan(arch, scores, target)
-            new_arch = apply_plan(model, arch, plan)
-            save_checkpoint(model, new_arch, run.pruned(name))
-            _write_json(run.pruned(name) / "plan.json", plan.to_dict())
-            log(f"[prune] {name}: {arch.num_parameters() / 1e6:.1f}M -> {new_arch.num_parameters() / 1e6:.1f}M "
-                f"parameters (layers {new_arch.num_layers}, hidden {new_arch.hidden_size}, "
-                f"ffn {new_arch.ffn_hidden_size}, heads {new_arch.num_attention_heads}, "
-                f"groups {new_arch.num_query_groups})")
+            prune_model(recipe, run.active_teacher(), scores, target, run.pruned(name))
 
 
-def distill(recipe: RecipeConfig) -> None:
-    """Logit distillation of the chosen pruned student from the teacher; exports the result to Hugging Face."""
+def distill_model(recipe: RecipeConfig, student, arch, out_dir: Path, d, teacher_dir: Path | None,
+                  train_split=None) -> list[dict]:
+    """Train ``student`` (a model of ``arch``) with the settings ``d`` (a DistillConfig) into ``out_dir``: logit
+    distillation from the checkpoint ``teacher_dir`` (live, or its cached top-K log-probs with
+    d.cached_teacher_top_k), or the LM loss alone when ``teacher_dir`` is None; on ``train_split`` (default: the
+    run's train split). Saves the checkpoint, history.json and the Hugging Face export (hf/); returns the history."""
+    from transformers import AutoTokenizer
+
+    from nemo_minitron.data.order import rows_read
     from nemo_minitron.distillation.forward_step import ForwardStep
     from nemo_minitron.distillation.intermediate import IntermediateLoss
     from nemo_minitron.distillation.losses import VocabParallelKDLoss
-    from nemo_minitron.distillation.teacher import Teacher
+    from nemo_minitron.distillation.teacher import CachedTopKKLLoss, Teacher, cached_teacher
     from nemo_minitron.models.checkpoint import save_checkpoint
     from nemo_minitron.models.hf_convert import save_hf_checkpoint
 
     run = RunDir(recipe.run_dir)
-    d = recipe.distill
-    with timed(run, "distill"):
-        teacher_model, _ = _load(run.active_teacher(), recipe)
-        student, arch = _load(run.require(run.pruned(d.student), "prune"), recipe)
-        loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k, chunk_size=d.chunk_size)
+    train_split = run.split("train") if train_split is None else train_split
+    if teacher_dir is None:
+        forward_step = ForwardStep()
+    else:
+        if d.cached_teacher_top_k is None:
+            teacher = Teacher(_load(teacher_dir, recipe)[0])
+            loss = VocabParallelKDLoss(kind=d.loss, temperature=d.temperature, top_k=d.top_k,
+                                       chunk_size=d.chunk_size)
+        else:
+            rows = rows_read(train_split.shape[0], d.steps, d.global_batch_size, recipe.data.seed)
+            teacher = cached_teacher(teacher_dir, train_split[rows], d.cached_teacher_top_k,
+                                     lambda: _load(teacher_dir, recipe)[0], d.micro_batch_size)
+            loss = CachedTopKKLLoss(temperature=d.temperature)
         intermediate = None
         if d.intermediate_pairs:  # pair indices are checked against both models when training starts
             intermediate = IntermediateLoss(d.intermediate_pairs, kind=d.intermediate_loss,
                                             weight=d.intermediate_weight, balance=d.balance_losses)
-        out = run.distilled(d.student)
-        forward_step = ForwardStep(Teacher(teacher_model), loss, lm_loss_weight=d.lm_loss_weight,
-                                   intermediate=intermediate, fuse_output_layer=d.fuse_output_layer)
-        history = _train(recipe, d, student, arch, run, out, forward_step)
-        save_checkpoint(student, arch, out)
-        _write_json(out / "history.json", history)
-        from transformers import AutoTokenizer
+        forward_step = ForwardStep(teacher, loss, lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
+                                   fuse_output_layer=d.fuse_output_layer)
+    history = _train(recipe, d, student, arch, run, out_dir, forward_step, train_split)
+    save_checkpoint(student, arch, out_dir)
+    _write_json(out_dir / "history.json", history)
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer) if run.tokenizer.exists() else None
+    save_hf_checkpoint(student, arch, out_dir / "hf", tokenizer=tokenizer)
+    return history
 
-        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer) if run.tokenizer.exists() else None
-        save_hf_checkpoint(student, arch, out / "hf", tokenizer=tokenizer)
+
+def distill(recipe: RecipeConfig) -> None:
+    """Logit distillation of the chosen pruned student from the teacher (live, or its cached top-K log-probs:
+    distill.cached_teacher_top_k); exports the result to Hugging Face."""
+    run = RunDir(recipe.run_dir)
+    d = recipe.distill
+    with timed(run, "distill"):
+        student, arch = _load(run.require(run.pruned(d.student), "prune"), recipe)
+        out = run.distilled(d.student)
+        distill_model(recipe, student, arch, out, d, run.active_teacher())
         log(f"[distill] {d.student} student -> {out} (Hugging Face export in {out / 'hf'})")
 
 
+def compress_rounds(recipe: RecipeConfig) -> None:
+    """Multi-round compression (recipe ``rounds``): round 1 prunes its target from the teacher by the run's scores
+    and distils it from the teacher; each later round scores the previous round's distilled student
+    (rounds/<previous>/scores), prunes its own target from it and distils it from it, for the round's steps."""
+    from dataclasses import replace
+
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    run = RunDir(recipe.run_dir)
+    source = run.active_teacher()
+    with timed(run, "rounds"):
+        for i, r in enumerate(recipe.rounds):
+            if i == 0:
+                scores = ImportanceScores.load(run.require(run.scores, "score"))
+            else:
+                scores = score_model(recipe, source, run.root / "rounds" / source.name / "scores")
+            prune_model(recipe, source, scores, recipe.prune[r.target], run.pruned(r.target))
+            student, arch = _load(run.pruned(r.target), recipe)
+            d = replace(recipe.distill, steps=r.steps, student=r.target)
+            distill_model(recipe, student, arch, run.distilled(r.target), d, source)
+            log(f"[rounds] round {i + 1}: {r.target} ({arch.num_parameters() / 1e6:.1f}M) distilled from "
+                f"{source.relative_to(run.root)}")
+            source = run.distilled(r.target)
+
+
 def evaluate(recipe: RecipeConfig) -> dict:
-    """Validation loss of the teacher and of every pruned and distilled model present in the run folder."""
+    """Validation loss of the teacher and of every pruned and distilled model present in the run folder, and their
+    lm-evaluation-harness scores on eval.tasks (under "tasks"), if any."""
     from nemo_minitron.evaluation.loss import validation_loss
 
     run = RunDir(recipe.run_dir)
+    ev = recipe.eval
+    if ev.tasks:
+        from transformers import AutoTokenizer
+
+        from nemo_minitron.evaluation.lm_eval_adapter import evaluate_tasks
+
+        tokenizer = AutoTokenizer.from_pretrained(run.require(run.tokenizer, "prepare"))
     results = {}
     with timed(run, "eval"):
         validation = _local_split(run.split("validation"))
@@ -295,6 +369,13 @@ def evaluate(recipe: RecipeConfig) -> dict:
             results[label] = {"val_loss": loss, "perplexity": float(torch.tensor(loss).exp()),
                               "params": arch.num_parameters(), "arch": arch.to_dict()}
             log(f"[eval] {label:24s} val loss {loss:.4f}  ppl {results[label]['perplexity']:.1f}")
+            if ev.tasks:
+                results[label]["tasks"] = evaluate_tasks(
+                    model, tokenizer, ev.tasks, num_fewshot=ev.num_fewshot, limit=ev.task_limit,
+                    batch_size=ev.micro_batch_size, include_path=ev.task_path)
+                for task, metrics in results[label]["tasks"].items():
+                    log(f"[eval] {label:24s} {task}: " + "  ".join(
+                        f"{name} {value:.4g}" for name, value in metrics.items() if not name.endswith("_stderr")))
             del model
         _write_json(run.eval, results)
     return results
@@ -309,13 +390,16 @@ def report(recipe: RecipeConfig) -> str:
 
 
 STAGES = {"prepare": prepare, "correct-teacher": correct, "score": score, "prune": prune, "distill": distill,
-          "eval": evaluate, "report": report}
+          "rounds": compress_rounds, "eval": evaluate, "report": report}
 
 
 def run_all(recipe: RecipeConfig) -> str:
-    """Every stage in order (teacher correction only if enabled); returns the report markdown."""
+    """Every stage in order (teacher correction only if enabled); with ``rounds``, the rounds stage replaces prune
+    and distill; returns the report markdown."""
+    skip = {correct} if not recipe.correct.enabled else set()
+    skip |= {prune, distill} if recipe.rounds else {compress_rounds}
     for name, stage in STAGES.items():
-        if stage is correct and not recipe.correct.enabled:
+        if stage in skip:
             continue
         log(f"\n=== {name} ===")
         result = stage(recipe)

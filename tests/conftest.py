@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,3 +63,17 @@ def tiny_hf_run_inputs(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(root / "model")
     char_tokenizer(text).save_pretrained(root / "model")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_task_path(tmp_path_factory):
+    """A folder with tests/fixtures/lm_eval/tiny_mc.yaml (an lm_eval multiple-choice task, 12 questions), its
+    data_files made absolute: lm_eval resolves them against the current directory."""
+    import yaml
+
+    fixtures = Path(__file__).parent / "fixtures" / "lm_eval"
+    config = yaml.safe_load((fixtures / "tiny_mc.yaml").read_text())
+    config["dataset_kwargs"]["data_files"]["test"] = str(fixtures / "tiny_mc.jsonl")
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    (folder / "tiny_mc.yaml").write_text(yaml.safe_dump(config))
+    return folder

@@ -59,3 +59,28 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(tiny_arch, tmp_path):
 def test_load_without_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="arch.json"):
         load_checkpoint(tmp_path)
+
+
+def test_manifest_records_every_file_and_fingerprint_names_the_content(tiny_arch, single_process, tmp_path):
+    import hashlib
+    import json
+
+    from nemo_minitron.models.checkpoint import MANIFEST_FILE, fingerprint
+
+    model = build_gpt_model(tiny_arch)
+    save_checkpoint(model, tiny_arch, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / MANIFEST_FILE).read_text())["files"]
+    on_disk = {p.name for p in (tmp_path / "a").iterdir()} - {MANIFEST_FILE}
+    assert set(manifest) == on_disk and {"arch.json", "metadata.json", "common.pt"} <= on_disk
+    for name, entry in manifest.items():
+        data = (tmp_path / "a" / name).read_bytes()
+        assert entry == {"size": len(data), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}, name
+    # same weights saved elsewhere: same fingerprint; without the manifest it is computed, to the same value
+    save_checkpoint(model, tiny_arch, tmp_path / "b")
+    assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "b")
+    (tmp_path / "b" / MANIFEST_FILE).unlink()
+    assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "b")
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    save_checkpoint(model, tiny_arch, tmp_path / "c")
+    assert fingerprint(tmp_path / "c") != fingerprint(tmp_path / "a")

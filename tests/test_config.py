@@ -28,6 +28,12 @@ def test_overrides_win_over_file():
     assert (recipe.distill.steps, recipe.prune["width"].hidden_size, recipe.data.seq_length) == (5, 192, 64)
 
 
+def test_eval_tasks_load_typed():
+    recipe = load_recipe(DEMO_RECIPE, ["eval.tasks=[hellaswag,arc_easy]", "eval.num_fewshot=0", "eval.task_limit=50"])
+    assert (recipe.eval.tasks, recipe.eval.num_fewshot, recipe.eval.task_limit) == (["hellaswag", "arc_easy"], 0, 50)
+    assert load_recipe(DEMO_RECIPE).eval.tasks == []
+
+
 @pytest.mark.parametrize("override, words", [
     (["distill.loss=kl"], ["distill.loss", "forward_kl", "reverse_kl"]),
     (["distill.student=nope"], ["distill.student", "width", "depth"]),
@@ -40,6 +46,17 @@ def test_overrides_win_over_file():
     (["distill.stepz=3"], ["stepz"]),
     (["distill.steps=3"], ["distill.warmup_steps", "distill.steps"]),
     (["data.seq_length=abc"], ["seq_length"]),
+    (["score.screen_tokens=129"], ["score.screen_tokens", "data.seq_length=128"]),
+    (["score.screen_keep=0"], ["score.screen_keep"]),
+    (["distill.cached_teacher_top_k=0"], ["distill.cached_teacher_top_k"]),
+    (["distill.cached_teacher_top_k=8", "distill.loss=reverse_kl"], ["distill.cached_teacher_top_k", "forward_kl"]),
+    (["distill.cached_teacher_top_k=8", "distill.fuse_output_layer=true"],
+     ["distill.cached_teacher_top_k", "distill.fuse_output_layer"]),
+    (["eval.tasks=[tiny_mc]", "eval.task_path=/no/such/dir"], ["eval.task_path", "/no/such/dir"]),
+    (["eval.task_limit=0"], ["eval.task_limit"]),
+    (["eval.num_fewshot=-1"], ["eval.num_fewshot"]),
+    (["eval.tasks=[tiny_mc]", "parallel.pipeline_model_parallel_size=2"],
+     ["eval.tasks", "parallel.pipeline_model_parallel_size=1"]),
     (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel", "tensor_model_parallel_size"]),
     (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=3"],
      ["parallel.sequence_parallel", "data.seq_length (128)"]),

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from nemo_minitron.data import corpus, packing, splits
 from nemo_minitron.data.corpus import iter_texts, load_texts
-from nemo_minitron.data.order import global_batch
+from nemo_minitron.data.order import global_batch, rows_read
 from nemo_minitron.data.packing import token_dtype, tokenized_source
 from nemo_minitron.data.splits import blend, load_split, split_indices, write_splits
 from nemo_minitron.runtime.cache import cache_path
@@ -348,3 +348,10 @@ def test_score_reads_the_selection_split(tmp_path, word_tokenizer, monkeypatch, 
     assert torch.equal(seen["held_out"], windows[rows["selection"]])
     assert torch.equal(seen["calibration"], windows[rows["calibration"]])
     assert set(rows["selection"].tolist()).isdisjoint(rows["validation"].tolist()) and seen["saved"] == run.scores
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5, 9])
+def test_rows_read_are_the_rows_of_the_global_batches(steps):
+    sequences = torch.arange(20).unsqueeze(1).repeat(1, 3)  # row i holds i
+    read = {int(row[0]) for step in range(steps) for row in global_batch(sequences, step, 4, seed=3)}
+    assert rows_read(20, steps, 4, seed=3).tolist() == sorted(read)

@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from nemo_minitron.evaluation.loss import validation_loss
-from nemo_minitron.importance.depth import best_block, skip_layers
+from nemo_minitron.importance.depth import block_losses, cached_block_losses, skip_layers
 from nemo_minitron.importance.plots import plot_importance
 from nemo_minitron.importance.compute import compute_importance
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.importance.width import BATCH_AGGS, WidthCollector
 from nemo_minitron.models.build import build_gpt_model, causal_inputs, forward_logits
+from nemo_minitron.pruning.plan import PruneTarget, make_plan
 from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
 from tests.distributed import run_distributed
 
@@ -170,9 +171,54 @@ def test_loss_drop_and_block_search_match_manual_forward(tiny_arch, single_proce
     _assert_close(scores.blocks[3], torch.tensor([_manual_loss(model, validation, [])]), "blocks[3]", atol=2e-5)
     assert sorted(scores.blocks) == [2, 3] and set(scores.layers) == {"block_influence", "lm_loss_drop"}
     start = min(range(2), key=without_two.__getitem__)
-    assert best_block(scores, 2) == (start, pytest.approx(without_two[start], abs=2e-5))
+    assert scores.best_block(2) == (start, pytest.approx(without_two[start], abs=2e-5))
     with pytest.raises(ValueError, match="searched block sizes: \\[2, 3\\]"):
-        best_block(scores, 1)
+        scores.best_block(1)
+
+
+def test_cached_block_losses_equal_whole_model_passes(tiny_arch, single_process):
+    arch = tiny_arch.replace(num_layers=4)
+    model = _model(arch)
+    validation = _tokens(4, 12, arch.vocab_size, seed=5)
+    baseline, cached = cached_block_losses(model, validation, [1, 2, 3, 4], micro_batch_size=2)
+    assert abs(baseline - validation_loss(model, validation, 2)) < 1e-6
+    for k in (1, 2, 3, 4):
+        _assert_close(cached[k], block_losses(model, validation, k, 2), f"blocks[{k}]", atol=1e-6)
+    assert not any(h for layer in model.decoder.layers for h in layer._forward_pre_hooks.values())
+    assert not model.embedding._forward_hooks and len(model.decoder.layers) == 4  # hooks and layers restored
+
+
+def test_screening_measures_a_prefix_then_confirms_the_best_blocks(tiny_arch, single_process):
+    arch = tiny_arch.replace(num_layers=4)
+    model = _model(arch)
+    calibration, validation = _tokens(2, 12, arch.vocab_size, seed=4), _tokens(4, 12, arch.vocab_size, seed=5)
+    scores = compute_importance(model, arch, calibration, validation, seq_length=12, micro_batch_size=2,
+                                depth_metrics=("lm_loss_drop",), block_sizes=(2,), screen_tokens=5, screen_keep=2)
+    prefix = validation[:, :6]  # the first 5 inputs of every window and their labels
+    screened = block_losses(model, prefix, 2, 2)
+    _assert_close(scores.blocks[2], screened, "screened blocks[2]", atol=1e-6)
+    _assert_close(scores.layers["lm_loss_drop"], block_losses(model, prefix, 1, 2) - validation_loss(model, prefix, 2),
+                  "screened lm_loss_drop", atol=1e-6)
+    assert abs(scores.meta["validation_loss"] - validation_loss(model, validation, 2)) < 1e-6  # all tokens
+    assert scores.meta["screen_tokens"] == 5
+    starts = torch.argsort(screened, stable=True)[:2].tolist()
+    full = block_losses(model, validation, 2, 2)
+    confirmed = scores.meta["block_confirmed"]["2"]
+    assert sorted(map(int, confirmed)) == sorted(starts)
+    for start in starts:
+        assert abs(confirmed[str(start)] - full[start]) < 1e-6
+    best = min(starts, key=lambda s: full[s].item())
+    assert scores.best_block(2) == (best, pytest.approx(full[best].item(), abs=1e-6))
+    # the plan follows the confirmed losses even where the screened ones disagree
+    scores.meta["block_confirmed"]["2"] = {"0": 5.0, "2": 1.0}
+    scores.blocks[2] = torch.tensor([0.0, 9.0, 9.0])
+    plan = make_plan(arch, scores, PruneTarget(num_layers=2))
+    assert plan.layers_keep == [0, 1]
+    # without screening the blocks are the whole-window losses and no confirmation is stored
+    exact = compute_importance(model, arch, calibration, validation, seq_length=12, micro_batch_size=2,
+                               depth_metrics=(), block_sizes=(2,), screen_tokens=12)
+    _assert_close(exact.blocks[2], full, "blocks[2]", atol=1e-6)
+    assert "block_confirmed" not in exact.meta and exact.meta["screen_tokens"] is None
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -185,6 +231,8 @@ def test_loss_drop_and_block_search_match_manual_forward(tiny_arch, single_proce
     (dict(micro_batch_size=3), "calibration"),
     (dict(seq_length=9), "rows have 9 tokens, but windows of seq_length=9 have 10"),  # plain rows [n, s]
     (dict(micro_batch_size=0), "micro_batch_size"),
+    (dict(screen_tokens=0), "screen_tokens"),
+    (dict(screen_keep=0), "screen_keep"),
     (dict(arch_changes=dict(hidden_size=32)), "arch.hidden_size"),
 ])
 def test_bad_options_raise_before_any_forward(tiny_arch, single_process, changes, field):
@@ -244,7 +292,10 @@ def _load_full_state(model, full: dict) -> None:
         local.copy_(weight)
 
 
-def _parallel_worker(rank, world_size, arch, state, calibration, references):
+DEPTH = dict(depth_metrics=("block_influence", "lm_loss_drop"), block_sizes=(1, 2), screen_tokens=6, screen_keep=2)
+
+
+def _parallel_worker(rank, world_size, arch, state, calibration, validation, references):
     from megatron.core import parallel_state
 
     for tp, pp in ((2, 1), (1, 2), (1, 1)):
@@ -253,13 +304,25 @@ def _parallel_worker(rank, world_size, arch, state, calibration, references):
         _load_full_state(model, state)
         shares = calibration.chunk(parallel_state.get_data_parallel_world_size())
         share = shares[parallel_state.get_data_parallel_rank()]
-        for (seq_agg, batch_agg), expected in references.items():
-            scores = compute_importance(model, arch, share, seq_length=12, micro_batch_size=2, seq_agg=seq_agg,
-                                        batch_agg=batch_agg)
+        held_out = validation.chunk(parallel_state.get_data_parallel_world_size())[
+            parallel_state.get_data_parallel_rank()]
+        for i, ((seq_agg, batch_agg), expected) in enumerate(references.items()):
+            depth = DEPTH if i == 0 else {}  # depth metrics once per layout (PP=2: block_losses, else cached)
+            scores = compute_importance(model, arch, share, held_out if depth else None, seq_length=12,
+                                        micro_batch_size=2, seq_agg=seq_agg, batch_agg=batch_agg, **depth)
             where = f"TP={tp} PP={pp} rank {rank} {seq_agg}/{batch_agg}"
             for axis in ("hidden", "ffn", "heads", "groups"):
                 _assert_close(getattr(scores, axis), getattr(expected, axis), f"{where} {axis}")
-            _assert_close(scores.layers["block_influence"], expected.layers["block_influence"], f"{where} BI")
+            for metric, values in expected.layers.items():
+                _assert_close(scores.layers[metric], values, f"{where} {metric}")
+            for k, values in expected.blocks.items():
+                _assert_close(scores.blocks[k], values, f"{where} blocks[{k}]")
+            if depth:
+                assert scores.meta["block_confirmed"].keys() == expected.meta["block_confirmed"].keys(), where
+                for k, confirmed in expected.meta["block_confirmed"].items():
+                    assert scores.meta["block_confirmed"][k].keys() == confirmed.keys(), where
+                    for start, loss in confirmed.items():
+                        assert abs(scores.meta["block_confirmed"][k][start] - loss) < 1e-5, where
             assert abs(scores.meta["calibration_loss"] - expected.meta["calibration_loss"]) < 1e-5, where
             assert scores.meta["calibration_sequences"] == calibration.shape[0], where
 
@@ -267,7 +330,10 @@ def _parallel_worker(rank, world_size, arch, state, calibration, references):
 def test_tp2_pp2_dp2_equal_single_process(tiny_arch, single_process):
     model = _model(tiny_arch)
     calibration = _tokens(8, 12, tiny_arch.vocab_size, seed=8)
-    references = {agg: compute_importance(model, tiny_arch, calibration, seq_length=12, micro_batch_size=2, seq_agg=agg[0],
-                                          batch_agg=agg[1]) for agg in (("mean", "l2"), ("var", "var"))}
+    validation = _tokens(4, 12, tiny_arch.vocab_size, seed=9)
+    references = {agg: compute_importance(model, tiny_arch, calibration, validation if i == 0 else None,
+                                          seq_length=12, micro_batch_size=2, seq_agg=agg[0], batch_agg=agg[1],
+                                          **(DEPTH if i == 0 else {}))
+                  for i, agg in enumerate((("mean", "l2"), ("var", "var")))}
     state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    run_distributed(_parallel_worker, 2, tiny_arch, state, calibration, references)
+    run_distributed(_parallel_worker, 2, tiny_arch, state, calibration, validation, references)

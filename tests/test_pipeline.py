@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_minitron.importance.depth import block_losses
+from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.models.checkpoint import load_checkpoint
+from nemo_minitron.pipeline import RunDir
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -108,6 +113,105 @@ def test_tiny_recipe_at_tp2_matches_tp1(tiny_run, tiny_hf_run_inputs, tmp_path):
     assert history[-1]["loss"] < history[0]["loss"]
 
 
+def test_cached_teacher_distils_like_the_live_teacher_and_is_reused(tiny_run, tmp_path, monkeypatch, single_process):
+    """distill.cached_teacher_top_k=128 (the whole vocabulary: the top-K forward KL is then the full one) trains the
+    same student as the live teacher; the cache is written once, named by its content, and reused by a second run;
+    another K writes another cache."""
+    import shutil
+
+    tp1_dir, _ = tiny_run
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINITRON_CACHE_DIR", str(cache))
+    runs = []
+    for name, k in (("a", 128), ("b", 128), ("c", 16)):
+        run_dir = tmp_path / name
+        shutil.copytree(tp1_dir, run_dir, ignore=lambda d, names: ["distilled"] if d == str(tp1_dir) else [])
+        minitron("distill", "--run-dir", str(run_dir), f"distill.cached_teacher_top_k={k}")
+        runs.append(run_dir)
+        files = sorted((cache / "teacher_cache").iterdir())
+        if name == "a":
+            first = (files[0], files[0].stat().st_mtime_ns)
+    assert len(files) == 2 and first[0] in files and first[0].stat().st_mtime_ns == first[1]
+    live = json.loads((tp1_dir / "distilled" / "width" / "history.json").read_text())
+    for run_dir in runs[:2]:
+        cached = json.loads((run_dir / "distilled" / "width" / "history.json").read_text())
+        assert [e["loss"] for e in cached] == pytest.approx([e["loss"] for e in live], abs=1e-4)
+    live_model, _ = load_checkpoint(tp1_dir / "distilled" / "width", transformer_impl="local")
+    cached_model, _ = load_checkpoint(runs[0] / "distilled" / "width", transformer_impl="local")
+    for (name, a), b in zip(live_model.state_dict().items(), cached_model.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+    top16 = json.loads((runs[2] / "distilled" / "width" / "history.json").read_text())
+    assert top16[-1]["loss"] != pytest.approx(live[-1]["loss"], abs=1e-6)  # K=16 < vocabulary: another objective
+
+
+def test_two_rounds_prune_and_distil_from_the_previous_round(tiny_run, tmp_path, single_process):
+    """rounds: round 2 scores round 1's distilled student, prunes its target from it, and distils from it: its
+    first KD loss is the forward KL of the pruned round-2 student to the distilled round-1 student."""
+    import shutil
+
+    from nemo_minitron.data.order import global_batch
+    from nemo_minitron.distillation.losses import VocabParallelKDLoss
+    from nemo_minitron.models.build import forward_logits
+
+    tp1_dir, _ = tiny_run
+    run_dir = tmp_path / "rounds"
+    shutil.copytree(tp1_dir, run_dir, ignore=lambda d, names: ["distilled", "pruned"] if d == str(tp1_dir) else [])
+    minitron("rounds", "--run-dir", str(run_dir), "prune.w70.hidden_size=56", "prune.w70.ffn_hidden_size=80",
+             "prune.w50.hidden_size=48", "prune.w50.ffn_hidden_size=64", "prune.w50.num_attention_heads=2",
+             "rounds=[{target: w70, steps: 3}, {target: w50, steps: 3}]", "distill.warmup_steps=1")
+    run = RunDir(run_dir)
+    round2_scores = ImportanceScores.load(run_dir / "rounds" / "w70" / "scores")
+    assert round2_scores.hidden.shape == (56,) and round2_scores.ffn.shape == (4, 80)
+    for name, hidden in (("w70", 56), ("w50", 48)):
+        history = json.loads((run.distilled(name) / "history.json").read_text())
+        assert [e["step"] for e in history] == [1, 2, 3]
+        assert json.loads((run.distilled(name) / "arch.json").read_text())["hidden_size"] == hidden
+    student, _ = load_checkpoint(run.pruned("w50"), transformer_impl="local")
+    teacher, _ = load_checkpoint(run.distilled("w70"), transformer_impl="local")
+    batch = global_batch(run.split("train"), 0, 8, seed=1234)
+    with torch.no_grad():
+        tokens = batch[:, :-1]
+        expected = VocabParallelKDLoss("forward_kl")(forward_logits(student, tokens), forward_logits(teacher, tokens))
+    first = json.loads((run.distilled("w50") / "history.json").read_text())[0]
+    assert first["kd_loss"] == pytest.approx(expected.mean().item(), abs=1e-4)
+
+
+def test_eval_stage_scores_lm_eval_tasks(tiny_run, tiny_hf_run_inputs, tiny_task_path, tmp_path, single_process,
+                                         capsys):
+    """With eval.tasks the eval stage (here in-process, on a copy of the tiny run) also scores every model on
+    lm_eval tasks, under "tasks" in eval.json; the teacher's scores are those of lm_eval's HFLM on the Hugging Face
+    checkpoint it was converted from, and the validation losses are unchanged."""
+    import shutil
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_minitron import pipeline
+    from nemo_minitron.config import load_recipe
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml", [f"run_dir={run_dir}", "eval.tasks=[tiny_mc]",
+                                                   f"eval.task_path={tiny_task_path}"])
+    results = pipeline.evaluate(recipe)
+    out = capsys.readouterr().out
+    written, before = (json.loads((d / "eval.json").read_text()) for d in (run_dir, tiny_run[0]))
+    assert set(written) == set(before) == set(results)
+    for label, r in written.items():
+        assert r["val_loss"] == pytest.approx(before[label]["val_loss"], abs=1e-6), label
+        assert r["tasks"] == results[label]["tasks"] and r["tasks"]["tiny_mc"]["sample_len"] == 12, label
+        assert f"[eval] {label:24s} tiny_mc: " in out, label
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf_run_inputs / "model", attn_implementation="eager").eval()
+    hflm = HFLM(pretrained=hf, tokenizer=AutoTokenizer.from_pretrained(tiny_hf_run_inputs / "model"), batch_size=4)
+    expected = simple_evaluate(model=hflm, tasks=["tiny_mc"], log_samples=False, task_manager=TaskManager(
+        include_path=str(tiny_task_path), include_defaults=False))["results"]["tiny_mc"]
+    assert written["teacher"]["tasks"]["tiny_mc"]["acc"] == expected["acc,none"]
+    assert written["teacher"]["tasks"]["tiny_mc"]["acc_norm"] == expected["acc_norm,none"]
+
+
 def test_bad_target_fails_before_compute(tiny_hf_run_inputs, tmp_path):
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONPATH=str(REPO))
     args = tiny_overrides(tiny_hf_run_inputs, tmp_path / "run")
@@ -121,9 +225,10 @@ def test_bad_target_fails_before_compute(tiny_hf_run_inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_demo_few_steps(tmp_path):
+def test_smollm2_demo_few_steps(tmp_path, single_process):
     """The real demo recipe on SmolLM2-135M, shortened, with teacher correction on: every stage runs, and
-    distillation from the corrected teacher improves the width student."""
+    distillation from the corrected teacher improves the width student. The demo's screened block search
+    (score.screen_tokens) picks the block that the exhaustive search (a whole-model pass per block) picks."""
     run_dir = tmp_path / "demo"
     out = minitron("demo", f"run_dir={run_dir}", "data.num_calibration=8", "data.num_validation=8",
                    "data.num_selection=4", "distill.steps=3", "distill.warmup_steps=1", "distill.global_batch_size=4",
@@ -136,6 +241,15 @@ def test_smollm2_demo_few_steps(tmp_path):
     assert results["pruned/depth"]["arch"]["num_layers"] == 15
     assert results["distilled/width"]["val_loss"] < results["pruned/width"]["val_loss"]
     assert "| teacher |" in out
+    run = RunDir(run_dir)
+    scores = ImportanceScores.load(run.scores)
+    assert scores.meta["screen_tokens"] == 32 and len(scores.meta["block_confirmed"]["15"]) == 3
+    model, _ = load_checkpoint(run.active_teacher(), transformer_impl="local")
+    exhaustive = block_losses(model, run.split("selection")[:], 15, micro_batch_size=4)
+    assert scores.best_block(15) == (int(exhaustive.argmin()), pytest.approx(exhaustive.min().item(), abs=1e-4))
+    plan = json.loads((run.pruned("depth") / "plan.json").read_text())
+    start = int(exhaustive.argmin())
+    assert plan["layers_keep"] == [i for i in range(30) if not start <= i < start + 15]
 
 
 def test_api_example_runs_and_distillation_lowers_kd_loss():

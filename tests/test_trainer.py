@@ -158,6 +158,10 @@ def test_cached_teacher_equals_live_top_k(tiny_arch, single_process, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     with pytest.raises(KeyError):
         cached.targets(_sequences(tiny_arch, 1, seed=9)[:, :-1])
+    # repeated rows are stored once (equal tokens, equal targets)
+    again = CachedTeacher(write_teacher_cache(teacher, seqs[[0, 2, 0, 5]], tmp_path / "dup.safetensors", top_k=8))
+    assert again.log_probs.shape[0] == 3 and not list(tmp_path.glob("*.partial"))
+    torch.testing.assert_close(again.targets(seqs[[0, 5], :-1]), cached.targets(seqs[[0, 5], :-1]))
 
     # Training on the cache: the first step's loss is the top-K KL of the initial student.
     with torch.no_grad():

@@ -32,17 +32,19 @@ class ImportanceCallback(Callback):
     """
 
     def __init__(self, arch: ModelArch, out_dir: str | Path, *, seq_agg: str = "mean", batch_agg: str = "l2",
-                 depth_metrics=("block_influence",), block_sizes=(), validation=None, micro_batch_size: int = 4):
+                 depth_metrics=("block_influence",), block_sizes=(), screen_tokens=None, screen_keep: int = 3,
+                 validation=None, micro_batch_size: int = 4):
         self.arch, self.out_dir = arch, Path(out_dir)
         self.seq_agg, self.batch_agg = seq_agg, batch_agg
         self.depth_metrics, self.block_sizes = tuple(depth_metrics), tuple(block_sizes)
+        self.screen_tokens, self.screen_keep = screen_tokens, screen_keep
         self.validation, self.micro_batch_size = validation, micro_batch_size
         self.hooks, self.scores = None, None
 
     def on_eval_start(self, context) -> None:
         (chunk,) = context.model
         validate_options(chunk, self.arch, self.micro_batch_size, self.seq_agg, self.batch_agg, self.depth_metrics,
-                         self.block_sizes)
+                         self.block_sizes, self.screen_tokens, self.screen_keep)
         self.hooks = CalibrationHooks(unwrap(chunk), self.seq_agg, self.depth_metrics).__enter__()
 
     def on_eval_end(self, context) -> None:
@@ -55,7 +57,7 @@ class ImportanceCallback(Callback):
                                  cfg.model.seq_length, float(context.total_loss_dict["lm loss"]))
         if self.validation is not None:
             add_loss_metrics(scores, unwrap(chunk), self.validation, self.depth_metrics, self.block_sizes,
-                             self.micro_batch_size)
+                             self.micro_batch_size, self.screen_tokens, self.screen_keep)
         if is_rank0():
             scores.save(self.out_dir)
         self.scores = scores

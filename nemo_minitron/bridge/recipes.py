@@ -196,8 +196,8 @@ def score_run(recipe: RecipeConfig) -> BridgeRun:
                        eval_iters=calibration.shape[0] // s.micro_batch_size, skip_train=True)
     callback = ImportanceCallback(arch, run.scores, seq_agg=s.seq_agg, batch_agg=s.batch_agg,
                                   depth_metrics=s.depth_metrics, block_sizes=s.block_sizes,
-                                  validation=run.split("selection")[:],
-                                  micro_batch_size=s.micro_batch_size)
+                                  screen_tokens=s.screen_tokens, screen_keep=s.screen_keep,
+                                  validation=run.split("selection")[:], micro_batch_size=s.micro_batch_size)
     return BridgeRun(config, ForwardStep(), [callback])
 
 

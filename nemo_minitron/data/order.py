@@ -29,6 +29,12 @@ def global_batch(sequences, step: int, global_batch_size: int, seed: int) -> tor
     return sequences[rows]
 
 
+def rows_read(n: int, steps: int, global_batch_size: int, seed: int) -> torch.Tensor:
+    """The sorted distinct rows of n sequences that ``steps`` steps of global_batch_size read."""
+    positions = steps * global_batch_size
+    return torch.arange(n) if positions >= n else epoch_order(n, 0, seed)[:positions].sort().values
+
+
 class SequenceStream(torch.utils.data.Dataset):
     """The training stream as a map-style dataset of ``length`` positions: item p is {tokens, labels, loss_mask}
     of the sequence at position p (tokens = sequence[:-1], labels = sequence[1:]); with shuffle=False, item p is

@@ -7,6 +7,7 @@ matching loss: vocab-sharded logits for ``VocabParallelKDLoss``, (log-probs, ind
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -60,8 +61,8 @@ def write_teacher_cache(teacher: Teacher, sequences: torch.Tensor, path: str | P
                         micro_batch_size: int = 4) -> Path:
     """Run the teacher once over packed sequences [n, s + 1] and save, per sequence, the top_k log-probs of every
     input position (tokens = sequence[:-1]) to a safetensors file: keys [n] int64 (``sequence_keys`` of the tokens),
-    log_probs [n, s, top_k] float32, indices [n, s, top_k] int64. Collective: every rank computes all sequences,
-    global rank 0 writes.
+    log_probs [n, s, top_k] float32, indices [n, s, top_k] int64; repeated rows are stored once. Collective: every
+    rank computes all sequences, global rank 0 writes (under a temporary name, then renamed into place).
     """
     from safetensors.torch import save_file
 
@@ -71,8 +72,8 @@ def write_teacher_cache(teacher: Teacher, sequences: torch.Tensor, path: str | P
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     tokens = sequences[:, :-1]
     keys = sequence_keys(tokens)
-    if len(set(keys)) != len(keys):
-        raise ValueError("sequences contain duplicate rows; each cached sequence must be unique")
+    first = sorted({key: i for i, key in reversed(list(enumerate(keys)))}.values())  # equal rows: equal targets
+    tokens, keys = tokens[first], [keys[i] for i in first]
     log_probs, indices = [], []
     for start in range(0, tokens.shape[0], micro_batch_size):
         values, index = teacher.top_k_log_probs(tokens[start:start + micro_batch_size].to(device()), top_k)
@@ -81,11 +82,34 @@ def write_teacher_cache(teacher: Teacher, sequences: torch.Tensor, path: str | P
     path = Path(path)
     if is_rank0():
         path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
         save_file({"keys": torch.tensor(keys, dtype=torch.int64), "log_probs": torch.cat(log_probs).contiguous(),
-                   "indices": torch.cat(indices).contiguous()}, str(path))
+                   "indices": torch.cat(indices).contiguous()}, str(partial))
+        os.replace(partial, path)  # readers never see a half-written cache
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def cached_teacher(teacher_dir: str | Path, sequences: torch.Tensor, top_k: int, load_model,
+                   micro_batch_size: int = 4) -> "CachedTeacher":
+    """The CachedTeacher of the checkpoint ``teacher_dir`` over ``sequences`` [n, s + 1], content-addressed in the
+    cache folder: teacher_cache/<blake2b(teacher fingerprint, top_k, sequences)>.safetensors. Written on first use
+    (``load_model()`` builds the live teacher only then), reused afterwards. Collective."""
+    from nemo_minitron.models.checkpoint import fingerprint
+    from nemo_minitron.runtime.cache import cache_path
+
+    sequences = torch.as_tensor(sequences, dtype=torch.int64).contiguous()
+    key = hashlib.blake2b(digest_size=16)
+    key.update(f"{fingerprint(teacher_dir)} top_k={top_k} {tuple(sequences.shape)}".encode())
+    key.update(sequences.numpy().tobytes())
+    path = cache_path("teacher_cache", f"{key.hexdigest()}.safetensors")
+    exists = path.is_file()
+    if dist.is_initialized():
+        dist.barrier()  # every rank decides before any rank writes
+    if not exists:
+        write_teacher_cache(Teacher(load_model()), sequences, path, top_k=top_k, micro_batch_size=micro_batch_size)
+    return CachedTeacher(path)
 
 
 class CachedTeacher:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nemo_minitron.evaluation.loss import validation_loss
-from nemo_minitron.importance.depth import BlockInfluence, block_losses
+from nemo_minitron.importance.depth import BlockInfluence, block_losses, cached_block_losses
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.importance.width import BATCH_AGGS, SEQ_AGGS, WidthCollector
 from nemo_minitron.models.arch import ModelArch
@@ -39,7 +39,7 @@ def _check_sequences(name: str, sequences, seq_length: int, micro_batch_size: in
 
 
 def validate_options(model, arch: ModelArch, micro_batch_size, seq_agg, batch_agg, depth_metrics,
-                     block_sizes) -> None:
+                     block_sizes, screen_tokens=None, screen_keep=3) -> None:
     """ValueError naming the field unless the scoring options are valid for ``model`` of ``arch``."""
     if seq_agg not in SEQ_AGGS:
         raise ValueError(f"importance.seq_agg must be one of {SEQ_AGGS}, got {seq_agg!r}")
@@ -54,6 +54,14 @@ def validate_options(model, arch: ModelArch, micro_batch_size, seq_agg, batch_ag
     if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ValueError(f"importance.micro_batch_size must be a positive integer, got {micro_batch_size!r}")
     config = unwrap(model).config
+    shards = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if screen_tokens is not None and (not isinstance(screen_tokens, int) or screen_tokens < 1
+                                      or screen_tokens % shards):
+        raise ValueError(f"importance.screen_tokens must be a positive integer (a multiple of "
+                         f"tensor_model_parallel_size={shards} under sequence parallelism) or null, got "
+                         f"{screen_tokens!r}")
+    if not isinstance(screen_keep, int) or screen_keep < 1:
+        raise ValueError(f"importance.screen_keep must be a positive integer, got {screen_keep!r}")
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "kv_channels"):
         if getattr(config, field) != getattr(arch, field):
@@ -108,25 +116,47 @@ class CalibrationHooks(contextlib.ExitStack):
 
 
 def add_loss_metrics(scores: ImportanceScores, model, validation: torch.Tensor, depth_metrics, block_sizes,
-                     micro_batch_size: int) -> None:
+                     micro_batch_size: int, screen_tokens: int | None = None, screen_keep: int = 3) -> None:
     """Add the loss-based depth scores: validation loss of ``model`` (meta["validation_loss"]), and with layers
-    skipped: layers["lm_loss_drop"][l] (layer l skipped, minus the baseline) and blocks[k] (the block search)."""
+    skipped: layers["lm_loss_drop"][l] (layer l skipped, minus the baseline) and blocks[k] (the block search).
+
+    At pipeline_model_parallel_size=1 every block's loss comes from cached layer inputs (``cached_block_losses``).
+    screen_tokens < seq_length screens: lm_loss_drop and blocks[k] are measured on the first screen_tokens positions
+    of every window (causal, so exact for those positions), then the ``screen_keep`` lowest blocks of each searched
+    size are measured again on all tokens (meta["block_confirmed"][k] = {start: loss}) and ``ImportanceScores.best_block`` picks
+    among those.
+    """
+    from megatron.core import parallel_state
+
     if "lm_loss_drop" not in depth_metrics and not block_sizes:
         return
-    baseline = validation_loss(model, validation, micro_batch_size)
-    scores.meta["validation_loss"] = baseline
+    seq_length = validation.shape[1] - 1
+    screening = screen_tokens is not None and screen_tokens < seq_length
+    screen = validation[:, :screen_tokens + 1] if screening else validation
     # lm_loss_drop is the k=1 block search minus the baseline: one pass serves both.
-    for k in sorted(set(block_sizes) | ({1} if "lm_loss_drop" in depth_metrics else set())):
-        losses = block_losses(model, validation, k, micro_batch_size)
-        if k in block_sizes:
-            scores.blocks[k] = losses
-        if k == 1 and "lm_loss_drop" in depth_metrics:
-            scores.layers["lm_loss_drop"] = losses - baseline
+    sizes = sorted(set(block_sizes) | ({1} if "lm_loss_drop" in depth_metrics else set()))
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        baseline, losses = cached_block_losses(model, screen, sizes, micro_batch_size)
+    else:
+        baseline = validation_loss(model, screen, micro_batch_size)
+        losses = {k: block_losses(model, screen, k, micro_batch_size) for k in sizes}
+    scores.meta["validation_loss"] = validation_loss(model, validation, micro_batch_size) if screening else baseline
+    scores.meta["screen_tokens"] = screen_tokens if screening else None
+    if "lm_loss_drop" in depth_metrics:
+        scores.layers["lm_loss_drop"] = losses[1] - baseline
+    for k in block_sizes:
+        scores.blocks[k] = losses[k]
+        if screening:
+            starts = torch.argsort(losses[k], stable=True)[:screen_keep].tolist()
+            confirmed = block_losses(model, validation, k, micro_batch_size, starts=starts)
+            scores.meta.setdefault("block_confirmed", {})[str(k)] = {
+                str(start): float(loss) for start, loss in zip(starts, confirmed)}
 
 
 def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, validation: torch.Tensor | None = None,
                        *, seq_length: int, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
-                       depth_metrics=("block_influence",), block_sizes=()) -> ImportanceScores:
+                       depth_metrics=("block_influence",), block_sizes=(), screen_tokens: int | None = None,
+                       screen_keep: int = 3) -> ImportanceScores:
     """Importance scores of ``model`` (this rank's TP shard / PP stage) from forward passes only.
 
     calibration / validation: token windows [n, seq_length + 1] of this data-parallel rank (each DP rank passes its
@@ -136,14 +166,15 @@ def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, valida
     forward pass over ``calibration`` through Megatron's pipeline schedule, which also gives the calibration loss.
     depth_metrics: "block_influence" (calibration pass) and/or "lm_loss_drop" (validation loss with layer l
     skipped minus the unpruned validation loss). block_sizes: for each k, blocks[k][start] is the validation loss
-    with layers start..start+k-1 skipped. Aggregations: see nemo_minitron.importance.width. Collective: every
+    with layers start..start+k-1 skipped; screen_tokens / screen_keep: see ``add_loss_metrics``. Aggregations: see nemo_minitron.importance.width. Collective: every
     rank calls it; every rank returns the same full-size scores. Runs with or without sequence parallelism (then
     seq_length must be a multiple of the TP size) and gives the same scores.
     """
     from megatron.core import parallel_state
 
     depth_metrics, block_sizes = tuple(depth_metrics), tuple(block_sizes)
-    validate_options(model, arch, micro_batch_size, seq_agg, batch_agg, depth_metrics, block_sizes)
+    validate_options(model, arch, micro_batch_size, seq_agg, batch_agg, depth_metrics, block_sizes, screen_tokens,
+                     screen_keep)
     _validate_sequences(model, calibration, validation, seq_length, micro_batch_size, depth_metrics, block_sizes)
     with CalibrationHooks(model, seq_agg, depth_metrics) as hooks:
         with _progress(model, calibration.shape[0] // micro_batch_size, "importance calibration"):
@@ -153,7 +184,8 @@ def compute_importance(model, arch: ModelArch, calibration: torch.Tensor, valida
     dist.all_reduce(sequences, group=parallel_state.get_data_parallel_group())
     scores.meta = score_meta(seq_agg, batch_agg, depth_metrics, block_sizes, micro_batch_size,
                              int(sequences.item()), calibration.shape[1] - 1, calibration_loss)
-    add_loss_metrics(scores, model, validation, depth_metrics, block_sizes, micro_batch_size)
+    add_loss_metrics(scores, model, validation, depth_metrics, block_sizes, micro_batch_size, screen_tokens,
+                     screen_keep)
     return scores
 
 

@@ -90,25 +90,74 @@ def skip_layers(model, layer_indices):
         decoder.num_layers_per_pipeline_rank = len(original)
 
 
-def block_losses(model, sequences: torch.Tensor, k: int, micro_batch_size: int = 4) -> torch.Tensor:
-    """[num_layers - k + 1] float32: validation loss of ``sequences`` with layers start..start+k-1 skipped.
+def block_losses(model, sequences: torch.Tensor, k: int, micro_batch_size: int = 4, starts=None) -> torch.Tensor:
+    """[len(starts)] float32: validation loss of ``sequences`` with layers start..start+k-1 skipped, for every start
+    in ``starts`` (default: all, 0..num_layers - k). Each is a forward of the whole model minus the block.
 
     Lower = safer to drop. With k=1 minus the unpruned loss this is the per-layer LM-loss drop.
     """
     num_layers = unwrap(model).config.num_layers
     if not 1 <= k <= num_layers:
         raise ValueError(f"importance.block_sizes: block size must be in 1..{num_layers}, got {k}")
+    starts = range(num_layers - k + 1) if starts is None else starts
     losses = []
-    for start in tqdm(range(num_layers - k + 1), desc=f"loss without {k} layer(s)", disable=dist.get_rank() != 0):
+    for start in tqdm(starts, desc=f"loss without {k} layer(s)", disable=dist.get_rank() != 0):
         with skip_layers(model, range(start, start + k)):
             losses.append(validation_loss(model, sequences, micro_batch_size))
     return torch.tensor(losses, dtype=torch.float32)
 
 
-def best_block(scores, k: int) -> tuple[int, float]:
-    """(start, loss) of the contiguous block of ``k`` layers whose removal costs the least validation loss."""
-    if k not in scores.blocks:
-        raise ValueError(f"best_block: no block search for k={k}; searched block sizes: {sorted(scores.blocks)}")
-    losses = scores.blocks[k]
-    start = int(torch.argmin(losses))
-    return start, float(losses[start])
+class LayerInputs(HookCollector):
+    """While open, ``inputs[l]`` is the hidden state that entered layer l (global index) in the last forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inputs = {}
+        for layer in local_layers(model):
+            self.handles.append(layer.register_forward_pre_hook(self._hook(layer_index(layer)), with_kwargs=True))
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs):
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[index] = h.detach().clone()
+        return hook
+
+
+@contextlib.contextmanager
+def _embedding_returns(model, hidden: torch.Tensor):
+    """The model's embedding outputs ``hidden`` (the decoder then starts from it) until exit."""
+    handle = unwrap(model).embedding.register_forward_hook(lambda module, args, output: hidden)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def cached_block_losses(model, sequences: torch.Tensor, block_sizes, micro_batch_size: int = 4):
+    """(baseline, {k: [num_layers - k + 1]}): the validation loss of ``sequences``, and the loss with every
+    contiguous block start..start+k-1 skipped, equal to ``block_losses`` at a fraction of its cost.
+
+    Per micro-batch, one full forward keeps the hidden state h_l entering every layer; skipping block [a, a+k)
+    then only runs layers a+k..L-1 from h_a (plus final norm, output layer and loss), instead of the whole model
+    minus the block. Pipeline parallelism (layers on other stages) is not supported: use ``block_losses``.
+    Every micro-batch has the same token count, so the mean over micro-batches is the token-weighted mean.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("cached_block_losses needs pipeline_model_parallel_size=1; use block_losses")
+    num_layers = unwrap(model).config.num_layers
+    chunks = [sequences[i:i + micro_batch_size] for i in range(0, sequences.shape[0], micro_batch_size)]
+    baseline = 0.0
+    sums = {k: torch.zeros(num_layers - k + 1, dtype=torch.float64) for k in block_sizes}
+    total = len(chunks) * sum(num_layers - k + 1 for k in block_sizes)
+    with tqdm(total=total, desc="block search (cached layer inputs)", disable=dist.get_rank() != 0) as bar:
+        for chunk in chunks:
+            with LayerInputs(model) as cache:
+                baseline += validation_loss(model, chunk, micro_batch_size)
+            for k in block_sizes:
+                for start in range(num_layers - k + 1):
+                    with skip_layers(model, range(start + k)), _embedding_returns(model, cache.inputs[start]):
+                        sums[k][start] += validation_loss(model, chunk, micro_batch_size)
+                    bar.update(1)
+    return baseline / len(chunks), {k: (v / len(chunks)).float() for k, v in sums.items()}

@@ -45,6 +45,18 @@ class ImportanceScores:
         }
         (directory / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    def best_block(self, k: int) -> tuple[int, float]:
+        """(start, loss) of the contiguous block of ``k`` layers whose removal costs the least validation loss:
+        among the blocks confirmed on all tokens after screening (meta["block_confirmed"]), else of blocks[k]."""
+        if k not in self.blocks:
+            raise ValueError(f"best_block: no block search for k={k}; searched block sizes: {sorted(self.blocks)}")
+        confirmed = self.meta.get("block_confirmed", {}).get(str(k))
+        if confirmed:
+            start = min(confirmed, key=lambda s: (confirmed[s], int(s)))
+            return int(start), float(confirmed[start])
+        start = int(torch.argmin(self.blocks[k]))
+        return start, float(self.blocks[k][start])
+
     @classmethod
     def load(cls, directory: str | Path) -> "ImportanceScores":
         directory = Path(directory)

@@ -21,7 +21,8 @@ class PruneTarget:
     """Target sizes of the pruned model; None keeps the source value.
 
     num_layers picks the layers to drop by ``layer_metric``:
-      "block_search":    drop the contiguous block of k = L - num_layers layers with the lowest ``blocks[k]`` loss;
+      "block_search":    drop the contiguous block of k = L - num_layers layers whose removal costs the least loss
+                         (``ImportanceScores.best_block``);
       "block_influence": drop the k layers with the lowest Block Influence;
       "lm_loss_drop":    drop the k layers whose removal raises the LM loss least.
     drop_layers names the (0-based) layers to drop instead; it excludes num_layers.
@@ -180,7 +181,7 @@ def _layers_keep(arch: ModelArch, scores: ImportanceScores, target: PruneTarget,
         drop = set()
     elif target.layer_metric == "block_search":
         k = L - num_layers
-        start = int(torch.argmin(scores.blocks[k]))
+        start, _ = scores.best_block(k)
         drop = set(range(start, start + k))
     else:
         ranked = torch.argsort(scores.layers[target.layer_metric].float(), stable=True)
