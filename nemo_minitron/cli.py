@@ -8,6 +8,9 @@
                                                    arms of equal size and token budget (Minitron width / depth,
                                                    random importance, from scratch, teacher-generated text, two
                                                    rounds) on recipes/study.yaml; resumable; see nemo_minitron/study.py
+  minitron search --run-dir DIR search.params=N [key=value ...]
+                                                   architectures within N parameters: ranked by pruned loss, the
+                                                   best search.top_k re-ranked after a short distillation
   minitron plan --recipe FILE --gpus N --gpu-memory-gib M [key=value ...]
                                                    parameters, memory per GPU of every stage and throughput,
                                                    before any compute; exits 1 if a stage cannot fit
@@ -33,7 +36,7 @@ STUDY_RECIPE = DEMO_RECIPE.with_name("study.yaml")
 QUICK_STUDY = ["distill.steps=20", "distill.eval_interval=5", "distill.warmup_steps=2", "correct.steps=4",
                "correct.warmup_steps=1",
                "data.num_validation=8", "data.num_calibration=8", "run_dir=runs/study-quick"]
-COMMANDS = ("demo", "run", "plan", "study", *pipeline.STAGES)
+COMMANDS = ("demo", "run", "plan", "study", "search", *pipeline.STAGES)
 
 
 def parse_args(argv):
@@ -99,6 +102,10 @@ def main(argv=None) -> int:
             from nemo_minitron.study import Study
 
             Study(recipe).run_all()
+        elif args.command == "search":
+            from nemo_minitron.search import run_search
+
+            run_search(recipe)
         elif args.command in ("demo", "run"):
             markdown = pipeline.run_all(recipe)
             pipeline.log("\n" + markdown + f"\nReport: {Path(recipe.run_dir) / 'report.md'}")

@@ -185,6 +185,19 @@ class StudyConfig:
 
 
 @dataclass
+class SearchConfig:
+    """`minitron search` (nemo_minitron/search.py): candidates from a grid within a parameter budget, ranked by
+    pruned loss, the top_k re-ranked after a short distillation."""
+
+    params: Optional[float] = None  # the budget: most parameters of the student
+    tolerance: float = 0.05  # candidates have at least (1 - tolerance) x params parameters
+    fractions: list[float] = field(default_factory=lambda: [0.5, 0.625, 0.75, 0.875, 1.0])
+    multiple_of: int = 64  # hidden_size and ffn_hidden_size candidates are multiples of it
+    top_k: int = 3
+    steps: int = 20  # distillation steps of each of the top_k
+
+
+@dataclass
 class RecipeConfig:
     name: str = "minitron"
     run_dir: str = "runs/minitron"
@@ -197,6 +210,7 @@ class RecipeConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     rounds: list[RoundConfig] = field(default_factory=list)  # multi-round compression (replaces prune + distill)
     study: StudyConfig = field(default_factory=StudyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, on_this_machine: bool = True) -> "RecipeConfig":
@@ -258,6 +272,15 @@ class RecipeConfig:
         if self.prune and dist.student not in self.prune:
             raise ValueError(f"distill.student: {dist.student!r} is not a prune target; allowed: {sorted(self.prune)}")
         _choice("distill.loss", dist.loss, KD_LOSSES)
+        se = self.search
+        if se.params is not None and not se.params > 0:
+            raise ValueError(f"search.params must be a positive number of parameters, got {se.params!r}")
+        if not 0 <= se.tolerance < 1:
+            raise ValueError(f"search.tolerance must be in [0, 1), got {se.tolerance!r}")
+        if not se.fractions or not all(0 < f <= 1 for f in se.fractions):
+            raise ValueError(f"search.fractions must be numbers in (0, 1], got {se.fractions}")
+        for name in ("multiple_of", "top_k", "steps"):
+            _positive(f"search.{name}", getattr(se, name))
         for i, r in enumerate(self.rounds):
             if r.target not in self.prune:
                 raise ValueError(f"rounds[{i}].target: {r.target!r} is not a prune target; allowed: "

@@ -177,6 +177,41 @@ def test_two_rounds_prune_and_distil_from_the_previous_round(tiny_run, tmp_path,
     assert first["kd_loss"] == pytest.approx(expected.mean().item(), abs=1e-4)
 
 
+def test_search_ranks_candidates_within_the_budget_then_after_distillation(tiny_run, tmp_path, single_process):
+    """minitron search: each candidate's pruned loss is that of pruning it alone and evaluating the selection
+    split; the top 3 are distilled and the choice is the lowest selection loss after distillation."""
+    import shutil
+
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.evaluation.loss import validation_loss
+    from nemo_minitron.pipeline import prune_model
+    from nemo_minitron.pruning.plan import PruneTarget
+
+    tp1_dir, _ = tiny_run
+    run_dir = tmp_path / "search"
+    shutil.copytree(tp1_dir, run_dir, ignore=lambda d, names: ["distilled", "pruned"] if d == str(tp1_dir) else [])
+    settings = ["search.params=60000", "search.steps=3", "search.multiple_of=8"]
+    minitron("search", "--run-dir", str(run_dir), *settings)
+    table = json.loads((run_dir / "search" / "candidates.json").read_text())
+    choice = json.loads((run_dir / "search" / "choice.json").read_text())
+    assert len(table) >= 4 and all(0.95 * 60000 <= row["params"] <= 60000 for row in table)
+    assert sorted(row["pruned_rank"] for row in table) == list(range(len(table)))
+    run = RunDir(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml", [f"run_dir={run_dir}", *settings])
+    selection = run.split("selection")[:]
+    row = table[-1]
+    prune_model(recipe, run.active_teacher(), ImportanceScores.load(run.scores), PruneTarget(**row["target"]),
+                tmp_path / "alone")
+    alone, _ = load_checkpoint(tmp_path / "alone", transformer_impl="local")
+    assert validation_loss(alone, selection, 4) == pytest.approx(row["pruned_loss"], abs=1e-5)
+    top = [r for r in table if "distilled_loss" in r]
+    assert sorted(r["pruned_rank"] for r in top) == [0, 1, 2]
+    assert choice["chosen"] == min(top, key=lambda r: r["distilled_loss"])
+    chosen, _ = load_checkpoint(choice["student"], transformer_impl="local")
+    assert validation_loss(chosen, selection, 4) == pytest.approx(choice["chosen"]["distilled_loss"], abs=1e-5)
+    assert choice["plan"]["arch"]["hidden_size"] == choice["chosen"]["target"]["hidden_size"]
+
+
 def test_eval_stage_scores_lm_eval_tasks(tiny_run, tiny_hf_run_inputs, tiny_task_path, tmp_path, single_process,
                                          capsys):
     """With eval.tasks the eval stage (here in-process, on a copy of the tiny run) also scores every model on
