@@ -86,6 +86,11 @@ class ScoreConfig:
     # the screen_keep best blocks of each size on whole windows and pick among those
     screen_tokens: Optional[int] = None
     screen_keep: int = 3
+    # an lm_eval task (e.g. winogrande) to choose the block by, as the paper did: the blocks left after screening
+    # (all blocks without it) are scored on it with the block removed and the highest block_task_metric wins
+    block_task: Optional[str] = None
+    block_task_metric: str = "acc"
+    block_task_limit: Optional[int] = None  # first N documents of the task (eval.task_path: local task YAMLs)
 
 
 @dataclass
@@ -245,6 +250,13 @@ class RecipeConfig:
             raise ValueError(f"score.screen_tokens must be null or an integer in 1..data.seq_length={d.seq_length}, "
                              f"got {self.score.screen_tokens!r}")
         _positive("eval.micro_batch_size", self.eval.micro_batch_size)
+        if self.score.block_task is not None:
+            if not self.score.block_sizes:
+                raise ValueError("score.block_task scores the blocks of score.block_sizes: set score.block_sizes")
+            if self.score.block_task_limit is not None:
+                _positive("score.block_task_limit", self.score.block_task_limit)
+            if on_this_machine and importlib.util.find_spec("lm_eval") is None:
+                raise ValueError("score.block_task needs lm-evaluation-harness: pip install 'nemo-minitron[eval]'")
         ev = self.eval
         if not all(ev.tasks):
             raise ValueError(f"eval.tasks must be lm_eval task names, got {ev.tasks}")

@@ -213,11 +213,33 @@ def score_model(recipe: RecipeConfig, model_dir: Path, out_dir: Path):
         batch_agg=s.batch_agg, depth_metrics=tuple(s.depth_metrics), block_sizes=tuple(s.block_sizes),
         screen_tokens=s.screen_tokens, screen_keep=s.screen_keep,
     )
+    if s.block_task is not None:
+        _score_blocks_on_task(recipe, model, scores)
     if is_rank0():
         scores.save(out_dir)
         plot_importance(scores, out_dir)
     log(f"[score] scores of {model_dir} and plots -> {out_dir}")
     return scores
+
+
+def _score_blocks_on_task(recipe: RecipeConfig, model, scores) -> None:
+    """meta["block_task"]: score.block_task's metric with each candidate block removed (the blocks confirmed after
+    screening, else every block of each score.block_sizes); ImportanceScores.best_block then follows it."""
+    from transformers import AutoTokenizer
+
+    from nemo_minitron.importance.depth import block_task_metrics
+
+    s, run = recipe.score, RunDir(recipe.run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run.require(run.tokenizer, "prepare"))
+    values = {}
+    for k in s.block_sizes:
+        confirmed = scores.meta.get("block_confirmed", {}).get(str(k))
+        starts = sorted(map(int, confirmed)) if confirmed else range(len(scores.blocks[k]))
+        values[str(k)] = {str(start): v for start, v in block_task_metrics(
+            model, tokenizer, k, starts, s.block_task, s.block_task_metric, limit=s.block_task_limit,
+            batch_size=recipe.eval.micro_batch_size, include_path=recipe.eval.task_path).items()}
+        log(f"[score] {s.block_task} {s.block_task_metric} without {k} layers from each start: {values[str(k)]}")
+    scores.meta["block_task"] = {"task": s.block_task, "metric": s.block_task_metric, "values": values}
 
 
 def score(recipe: RecipeConfig) -> None:

@@ -49,6 +49,8 @@ def test_eval_tasks_load_typed():
     (["score.screen_tokens=129"], ["score.screen_tokens", "data.seq_length=128"]),
     (["score.screen_keep=0"], ["score.screen_keep"]),
     (["distill.cached_teacher_top_k=0"], ["distill.cached_teacher_top_k"]),
+    (["score.block_task=winogrande", "score.block_sizes=[]"], ["score.block_task", "score.block_sizes"]),
+    (["score.block_task=winogrande", "score.block_task_limit=0"], ["score.block_task_limit"]),
     (["distill.cached_teacher_top_k=8", "distill.loss=reverse_kl"], ["distill.cached_teacher_top_k", "forward_kl"]),
     (["distill.cached_teacher_top_k=8", "distill.fuse_output_layer=true"],
      ["distill.cached_teacher_top_k", "distill.fuse_output_layer"]),

@@ -212,6 +212,41 @@ def test_search_ranks_candidates_within_the_budget_then_after_distillation(tiny_
     assert choice["plan"]["arch"]["hidden_size"] == choice["chosen"]["target"]["hidden_size"]
 
 
+def test_block_search_by_task_metric(tiny_run, tiny_task_path, tmp_path, single_process):
+    """score.block_task: every block is scored on an lm_eval task with the block removed, equal to the task score
+    of the model pruned to drop that block; the depth target then drops the block of the highest accuracy."""
+    import shutil
+
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.evaluation.lm_eval_adapter import evaluate_tasks
+    from nemo_minitron.pipeline import prune_model
+    from nemo_minitron.pruning.plan import PruneTarget
+    from transformers import AutoTokenizer
+
+    tp1_dir, _ = tiny_run
+    run_dir = tmp_path / "task_blocks"
+    shutil.copytree(tp1_dir, run_dir, ignore=lambda d, names: ["distilled", "pruned", "scores"]
+                    if d == str(tp1_dir) else [])
+    settings = ["score.block_task=tiny_mc", "score.block_task_metric=acc_norm", f"eval.task_path={tiny_task_path}"]
+    minitron("score", "--run-dir", str(run_dir), *settings)
+    minitron("prune", "--run-dir", str(run_dir), *settings)
+    run = RunDir(run_dir)
+    scores = ImportanceScores.load(run.scores)
+    values = scores.meta["block_task"]["values"]["2"]
+    assert sorted(values) == ["0", "1", "2"] and scores.meta["block_task"]["metric"] == "acc_norm"
+    recipe = load_recipe(run_dir / "recipe.yaml", [f"run_dir={run_dir}", *settings])
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    for start in range(3):
+        out = tmp_path / f"drop{start}"
+        prune_model(recipe, run.active_teacher(), scores, PruneTarget(drop_layers=[start, start + 1]), out)
+        model, _ = load_checkpoint(out, transformer_impl="local")
+        expected = evaluate_tasks(model, tokenizer, ["tiny_mc"], include_path=str(tiny_task_path))["tiny_mc"]
+        assert values[str(start)] == pytest.approx(expected["acc_norm"]), start
+    best = max(range(3), key=lambda s: (values[str(s)], -s))
+    plan = json.loads((run.pruned("depth") / "plan.json").read_text())
+    assert plan["layers_keep"] == [i for i in range(4) if i not in (best, best + 1)]
+
+
 def test_eval_stage_scores_lm_eval_tasks(tiny_run, tiny_hf_run_inputs, tiny_task_path, tmp_path, single_process,
                                          capsys):
     """With eval.tasks the eval stage (here in-process, on a copy of the tiny run) also scores every model on

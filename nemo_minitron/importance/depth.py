@@ -161,3 +161,19 @@ def cached_block_losses(model, sequences: torch.Tensor, block_sizes, micro_batch
                         sums[k][start] += validation_loss(model, chunk, micro_batch_size)
                     bar.update(1)
     return baseline / len(chunks), {k: (v / len(chunks)).float() for k, v in sums.items()}
+
+
+def block_task_metrics(model, tokenizer, k: int, starts, task: str, metric: str = "acc", **task_options
+                       ) -> dict[int, float]:
+    """{start: ``metric`` of lm_eval ``task`` for the model with layers start..start+k-1 skipped} (higher = safer
+    to drop), through ``evaluation.lm_eval_adapter.evaluate_tasks`` (``task_options``: its keyword arguments)."""
+    from nemo_minitron.evaluation.lm_eval_adapter import evaluate_tasks
+
+    values = {}
+    for start in starts:
+        with skip_layers(model, range(start, start + k)):
+            results = evaluate_tasks(model, tokenizer, [task], **task_options)[task]
+        if metric not in results:
+            raise ValueError(f"score.block_task_metric: task {task!r} reports {sorted(results)}, not {metric!r}")
+        values[int(start)] = results[metric]
+    return values

@@ -46,10 +46,16 @@ class ImportanceScores:
         (directory / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def best_block(self, k: int) -> tuple[int, float]:
-        """(start, loss) of the contiguous block of ``k`` layers whose removal costs the least validation loss:
-        among the blocks confirmed on all tokens after screening (meta["block_confirmed"]), else of blocks[k]."""
+        """(start, loss) of the contiguous block of ``k`` layers whose removal costs the least: the block of the
+        highest task metric where blocks were scored on a task (meta["block_task"], loss = the metric); else the
+        lowest loss among the blocks confirmed on all tokens after screening (meta["block_confirmed"]), else of
+        blocks[k]."""
         if k not in self.blocks:
             raise ValueError(f"best_block: no block search for k={k}; searched block sizes: {sorted(self.blocks)}")
+        by_task = self.meta.get("block_task", {}).get("values", {}).get(str(k))
+        if by_task:
+            start = max(by_task, key=lambda s: (by_task[s], -int(s)))
+            return int(start), float(by_task[start])
         confirmed = self.meta.get("block_confirmed", {}).get(str(k))
         if confirmed:
             start = min(confirmed, key=lambda s: (confirmed[s], int(s)))
