@@ -84,3 +84,52 @@ def test_manifest_records_every_file_and_fingerprint_names_the_content(tiny_arch
         next(model.parameters()).add_(1e-3)
     save_checkpoint(model, tiny_arch, tmp_path / "c")
     assert fingerprint(tmp_path / "c") != fingerprint(tmp_path / "a")
+
+
+class _Exploit:
+    """Unpickling it would call os.system: what a crafted checkpoint's .metadata can hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_metadata_is_refused_without_running_it(tiny_arch, single_process, tmp_path, monkeypatch):
+    import pickle
+
+    from nemo_minitron.models.checkpoint import TRUST_ENV
+
+    model = build_gpt_model(tiny_arch)
+    save_checkpoint(model, tiny_arch, tmp_path / "ok")
+    loaded, _ = load_checkpoint(tmp_path / "ok")  # real metadata passes the restricted unpickler
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    marker = tmp_path / "code_ran"
+    metadata = tmp_path / "ok" / ".metadata"
+    metadata.write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ValueError, match=".metadata has"):  # the manifest written at save time no longer matches
+        load_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "manifest.json").unlink()  # a checkpoint from elsewhere, without one
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(tmp_path / "ok")
+    assert not marker.exists()
+    monkeypatch.setenv(TRUST_ENV, "1")  # trusted: the plain pickle runs it (and the load then fails)
+    with pytest.raises(BaseException):  # torch's CheckpointException is a BaseException
+        load_checkpoint(tmp_path / "ok")
+    assert marker.exists()
+
+
+def test_truncated_checkpoint_file_is_named_before_loading(tiny_arch, single_process, tmp_path):
+    save_checkpoint(build_gpt_model(tiny_arch), tiny_arch, tmp_path / "ck")
+    shard = sorted((tmp_path / "ck").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{shard.name} has 100 bytes"):
+        load_checkpoint(tmp_path / "ck")
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"{shard.name} is missing"):
+        load_checkpoint(tmp_path / "ck")

@@ -192,6 +192,54 @@ def test_resume_gives_the_same_weights(tiny_arch, single_process, tmp_path):
         torch.testing.assert_close(p, expected[name], atol=1e-6, rtol=0, msg=name)
 
 
+def test_checkpoints_are_renamed_into_place_and_checked_before_loading(tiny_arch, single_process, tmp_path):
+    """A save goes to iter_N.partial and is renamed; leftovers of a killed save are removed; an incomplete or
+    empty checkpoint named by latest is refused with its path."""
+    import json
+
+    seqs = _sequences(tiny_arch, 4)
+    cfg = TrainConfig(steps=2, micro_batch_size=2, global_batch_size=4, warmup_steps=0, save_interval=1)
+    (tmp_path / "iter_0000009.partial").mkdir(parents=True)  # what a kill during a save leaves
+    (tmp_path / "latest.partial").write_text("iter_0000009\n")
+    train(build_gpt_model(tiny_arch), seqs, cfg, checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", "latest"]
+    for folder in (tmp_path / "iter_0000002", tmp_path / "iter_0000002" / "optimizer"):
+        assert json.loads((folder / "manifest.json").read_text())["files"]
+    shard = sorted((tmp_path / "iter_0000002" / "optimizer").glob("*.distcp"))[0]
+    shard.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"optimizer is damaged: {shard.name} has 0 bytes"):
+        train(build_gpt_model(tiny_arch), seqs, cfg, checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+    (tmp_path / "latest").write_text("")
+    with pytest.raises(ValueError, match="latest is empty"):
+        train(build_gpt_model(tiny_arch), seqs, cfg, checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+    assert not (tmp_path / "writer.lock").exists()  # released after a failure too
+
+
+def test_one_writer_per_checkpoint_folder(tiny_arch, single_process, tmp_path, capsys):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    seqs = _sequences(tiny_arch, 4)
+    cfg = TrainConfig(steps=1, micro_batch_size=2, global_batch_size=4, warmup_steps=0)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "writer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(ValueError, match=f"being written by another run \\(pid {holder.pid}\\)"):
+            train(build_gpt_model(tiny_arch), seqs, cfg, checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+        assert not list(tmp_path.glob("iter_*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    train(build_gpt_model(tiny_arch), seqs, cfg, checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+    assert f"its writer (pid {holder.pid}) is gone; taking the folder over" in capsys.readouterr().out
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000001" and not (tmp_path / "writer.lock").exists()
+    (tmp_path / "writer.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(ValueError, match="on host elsewhere"):
+        train(build_gpt_model(tiny_arch), seqs, cfg, checkpoint_dir=tmp_path, arch=tiny_arch, progress=False)
+
+
 def _shard(name: str, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     """This TP rank's shard of a full (TP=1) parameter."""
     if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank takes its rows of both

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ import torch.distributed as dist
 from nemo_minitron.data.order import global_batch
 from nemo_minitron.distillation.forward_step import REPORTED_LOSSES, ForwardStep
 from nemo_minitron.evaluation.loss import micro_batches, token_weighted_means, validation_loss
+from nemo_minitron.runtime import lock
 from nemo_minitron.runtime.distributed import is_rank0
 
 LATEST = "latest"
+PARTIAL = ".partial"  # suffix of a checkpoint (or latest) being written
 TRAINER_STATE = "trainer_state.json"
 # The distributed optimizer saves each rank's contiguous shard of its buffers: fully parallel, and a resumed run may
 # change the data-parallel size (Megatron-LM's default format).
@@ -90,28 +93,65 @@ class TrainConfig:
 
 
 def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict]) -> None:
-    """checkpoint_dir/iter_{step:07d}/: model weights (save_checkpoint: dist_checkpointing + arch.json, loadable by
-    load_checkpoint), optimizer/ (dist_checkpointing of optimizer.sharded_state_dict), trainer_state.json (step,
-    consumed samples, scheduler, history); then checkpoint_dir/latest names it."""
+    """checkpoint_dir/iter_{step:07d}/: model weights (save_checkpoint: dist_checkpointing + arch.json + manifest,
+    loadable by load_checkpoint), optimizer/ (dist_checkpointing of optimizer.sharded_state_dict, + manifest),
+    trainer_state.json (step, scheduler, history). Written as iter_{step:07d}.partial and renamed into place once
+    complete; then checkpoint_dir/latest is replaced (os.replace) to name it, so a kill at any moment leaves latest
+    naming a complete checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.models.checkpoint import save_checkpoint, tied_checkpoint_writers, write_manifest
 
     iter_dir = checkpoint_dir / f"iter_{step:07d}"
-    if is_rank0() and iter_dir.exists():
-        shutil.rmtree(iter_dir)
+    partial = iter_dir.with_name(iter_dir.name + PARTIAL)
+    if is_rank0() and partial.exists():
+        shutil.rmtree(partial)
     dist.barrier()
-    save_checkpoint(model, arch, iter_dir)
+    save_checkpoint(model, arch, partial)
     if is_rank0():
-        (iter_dir / "optimizer").mkdir()
+        (partial / "optimizer").mkdir()
     dist.barrier()
-    dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_METADATA),
-                            str(iter_dir / "optimizer"))
+    with tied_checkpoint_writers():
+        dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_METADATA),
+                                str(partial / "optimizer"))
+    dist.barrier()
     if is_rank0():
+        write_manifest(partial / "optimizer")
         state = {"step": step, "scheduler": scheduler.state_dict(), "history": history}
-        (iter_dir / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        (checkpoint_dir / LATEST).write_text(iter_dir.name + "\n")
+        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        old = iter_dir.with_name(iter_dir.name + ".old")
+        if iter_dir.exists():  # the same step saved again: the old copy stays until latest names the new one
+            os.replace(iter_dir, old)
+        os.replace(partial, iter_dir)
+        _write_latest(checkpoint_dir, iter_dir.name)
+        if old.exists():
+            shutil.rmtree(old)
     dist.barrier()
+
+
+def _write_latest(checkpoint_dir: Path, name: str) -> None:
+    tmp = checkpoint_dir / (LATEST + PARTIAL)
+    tmp.write_text(name + "\n")
+    os.replace(tmp, checkpoint_dir / LATEST)
+
+
+def _latest_dir(checkpoint_dir: Path) -> Path:
+    """The checkpoint checkpoint_dir/latest names, checked complete (manifests) and safe to unpickle."""
+    from nemo_minitron.models.checkpoint import check_metadata, verify_manifest
+
+    name = (checkpoint_dir / LATEST).read_text().strip()
+    if not name:
+        raise ValueError(f"{checkpoint_dir / LATEST} is empty: write the name of a complete iter_* folder of "
+                         f"{checkpoint_dir} into it, or delete it to start the stage afresh")
+    iter_dir = checkpoint_dir / name
+    if not iter_dir.is_dir() and iter_dir.with_name(name + ".old").is_dir():  # killed between the two renames
+        iter_dir = iter_dir.with_name(name + ".old")
+    if not iter_dir.is_dir():
+        raise ValueError(f"{checkpoint_dir / LATEST} names {name}, which is not in {checkpoint_dir}")
+    for part in (iter_dir, iter_dir / "optimizer"):
+        verify_manifest(part)
+        check_metadata(part)
+    return iter_dir
 
 
 def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
@@ -121,7 +161,7 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
 
     from megatron.core.optimizer import DistributedOptimizer
 
-    iter_dir = checkpoint_dir / (checkpoint_dir / LATEST).read_text().strip()
+    iter_dir = _latest_dir(checkpoint_dir)
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for part in parts:
         if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
@@ -215,6 +255,12 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     saved_config = {name: getattr(config, name) for name in
                     ("calculate_per_token_loss", "finalize_model_grads_func", "grad_scale_func", "no_sync_func")}
     bar = None
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoint_dir is not None:
+        lock.acquire(checkpoint_dir)
+        if is_rank0():  # what a killed save left behind; latest never names it
+            for leftover in checkpoint_dir.glob(f"*{PARTIAL}"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     try:
         config.calculate_per_token_loss = True  # loss_func returns (sum, tokens); finalize_model_grads divides
         if intermediate is not None:  # before DDP, so DDP and the optimizer include the projections
@@ -237,7 +283,6 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
         config.grad_scale_func = optimizer.scale_loss
         config.no_sync_func = ddp_model.no_sync
 
-        checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         step, history = 0, []
         if checkpoint_dir is not None and resume and (checkpoint_dir / LATEST).is_file():
             step, history = _load(checkpoint_dir, model, optimizer, scheduler)
@@ -291,6 +336,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     finally:
         if bar is not None:
             bar.close()
+        if checkpoint_dir is not None:
+            lock.release(checkpoint_dir)
         for name, value in saved_config.items():
             setattr(config, name, value)
         if intermediate is not None:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
+import os
+import pickle
+import queue
+import signal
+import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from nemo_minitron.models.arch import ModelArch
@@ -51,6 +60,91 @@ def fingerprint(directory: str | Path) -> str:
     return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
+def _die_with_parent(write, parent: int):
+    """``write`` (Megatron's per-bucket writer, run in a forked process) preceded by PR_SET_PDEATHSIG: the kernel
+    kills the writer when its parent dies, instead of leaving it blocked on a queue the parent held (Linux)."""
+
+    def run(*args, **kwargs):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+        return write(*args, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def tied_checkpoint_writers():
+    """While open, Megatron's checkpoint writing leaves no process behind a killed parent: its write results go
+    through an in-process queue (it would otherwise start, once per process, a multiprocessing Manager server that
+    outlives a kill -9; saves here are synchronous, so results never cross a process boundary), and on Linux its
+    forked per-file writers die with their parent. Both are undone on exit."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    writer = filesystem_async.FileSystemWriterAsync
+    saved_queue, saved_write = filesystem_async._results_queue, writer.__dict__["write_preloaded_data"]
+    filesystem_async._results_queue = queue.Queue()
+    if sys.platform == "linux":
+        writer.write_preloaded_data = staticmethod(_die_with_parent(saved_write.__func__, os.getpid()))
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = saved_queue
+        writer.write_preloaded_data = saved_write
+
+
+TRUST_ENV = "MINITRON_TRUST_CHECKPOINTS"
+# what torch.distributed.checkpoint's .metadata pickle may name: its own metadata classes, and torch's Size / dtypes
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint.storage", "collections")
+_METADATA_GLOBALS = {("torch.serialization", "_get_layout")}  # maps a name such as "torch.strided" to the layout
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _METADATA_MODULES or (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        value = super().find_class(module, name) if module == "torch" else None
+        if value is torch.Size or isinstance(value, (torch.dtype, torch.memory_format)):
+            return value
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata names {module}.{name}, which a torch.distributed.checkpoint .metadata file never "
+            f"holds; refusing to load it (it could run code). Set {TRUST_ENV}=1 only for a checkpoint you trust")
+
+
+def check_metadata(directory: str | Path) -> None:
+    """ValueError naming the file unless the checkpoint's .metadata (a pickle that torch.distributed.checkpoint
+    loads) names only checkpoint-metadata classes and torch sizes / dtypes: read with a restricted unpickler, so a
+    crafted checkpoint is refused before anything could run its code. MINITRON_TRUST_CHECKPOINTS=1 skips this."""
+    path = Path(directory) / ".metadata"
+    if os.environ.get(TRUST_ENV) == "1" or not path.is_file():
+        return  # a missing .metadata is Megatron's "not a checkpoint" error, raised by the load itself
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: {err}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint metadata file ({type(err).__name__}: {err})") from None
+
+
+def verify_manifest(directory: str | Path) -> None:
+    """ValueError naming the file unless every file that manifest.json lists is present with its recorded size (a
+    checkpoint cut short by a crash or a failed copy). A folder without a manifest passes (saved before manifests)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        return
+    for name, entry in json.loads(path.read_text())["files"].items():
+        file = directory / name
+        if not file.is_file():
+            raise ValueError(f"checkpoint {directory} is incomplete: {name} is missing (see {path})")
+        if file.stat().st_size != entry["size"]:
+            raise ValueError(f"checkpoint {directory} is damaged: {name} has {file.stat().st_size} bytes, "
+                             f"{entry['size']} when it was saved (see {path})")
+
+
 def save_checkpoint(model, arch: ModelArch, directory: str | Path) -> Path:
     """Save ``model.sharded_state_dict()`` with dist_checkpointing and ``arch`` as arch.json into ``directory``,
     then a manifest.json of every file's size and hash (``fingerprint``).
@@ -63,7 +157,8 @@ def save_checkpoint(model, arch: ModelArch, directory: str | Path) -> Path:
     if is_rank0():
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    with tied_checkpoint_writers():
+        dist_checkpointing.save(model.sharded_state_dict(), str(directory))
     if is_rank0():
         arch.save(directory / ARCH_FILE)
         write_manifest(directory)
@@ -89,6 +184,8 @@ def load_checkpoint(directory: str | Path, **build_kwargs):
     if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
         raise FileNotFoundError(f"{directory} is not a nemo-minitron checkpoint: it needs {ARCH_FILE} and a "
                                 "Megatron-Core dist checkpoint (metadata.json), as written by save_checkpoint")
+    verify_manifest(directory)
+    check_metadata(directory)
     model = build_gpt_model(arch, **build_kwargs)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
     model.load_state_dict(state)
