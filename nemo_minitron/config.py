@@ -309,7 +309,8 @@ class RecipeConfig:
             _positive("distill.top_k", dist.top_k)
         if dist.cached_teacher_top_k is not None:
             _positive("distill.cached_teacher_top_k", dist.cached_teacher_top_k)
-            if dist.loss not in ("forward_kl", "topk_forward_kl") or dist.top_k not in (None, dist.cached_teacher_top_k):
+            if (dist.loss not in ("forward_kl", "topk_forward_kl")
+                    or dist.top_k not in (None, dist.cached_teacher_top_k)):
                 raise ValueError(f"distill.cached_teacher_top_k distils forward KL over the cached top K: it needs "
                                  f"distill.loss forward_kl (or topk_forward_kl with top_k equal to it), got "
                                  f"loss={dist.loss!r}, top_k={dist.top_k!r}")

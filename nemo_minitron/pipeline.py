@@ -174,27 +174,44 @@ def prepare(recipe: RecipeConfig) -> None:
         log(f"[prepare] teacher {arch.num_parameters() / 1e6:.1f}M parameters -> {run.teacher}")
 
 
+def _data_key(run: RunDir, train_split=None) -> str:
+    """A digest of the training data: the run's split files (window indices into content-addressed token files), or
+    the tokens of ``train_split``."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    if train_split is None:
+        for name in ("windows.json", "train.npy"):
+            digest.update((run.data / name).read_bytes())
+    else:
+        digest.update(torch.as_tensor(train_split[:], dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _train(recipe: RecipeConfig, stage_cfg, model, arch, run: RunDir, out_dir: Path, forward_step=None,
-           train_split=None):
+           train_split=None, inputs: dict | None = None):
     """Megatron-Core training of ``model`` on ``train_split`` (default: the run's train split) with
-    ``forward_step`` (default: LM loss); state (for resume) in out_dir/train_state."""
+    ``forward_step`` (default: LM loss); state (for resume) in out_dir/train_state, which records ``inputs`` and the
+    data's digest: resuming from other inputs is refused."""
     from nemo_minitron.distillation.trainer import train
 
     cfg = stage_cfg.train_config(seed=recipe.data.seed,
                                  use_distributed_optimizer=recipe.parallel.use_distributed_optimizer)
+    inputs = {**(inputs or {}), "data": _data_key(run, train_split)}
     train_split = run.split("train") if train_split is None else train_split
     return train(model, train_split, cfg, forward_step, validation=run.split("validation"), arch=arch,
-                 checkpoint_dir=out_dir / "train_state")
+                 checkpoint_dir=out_dir / "train_state", inputs=inputs)
 
 
 def correct(recipe: RecipeConfig) -> None:
     """Teacher correction: fine-tune the teacher on the distillation data with the LM loss."""
-    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.models.checkpoint import fingerprint, save_checkpoint
 
     run = RunDir(recipe.run_dir)
     with timed(run, "correct-teacher"):
         model, arch = _load(run.require(run.teacher, "prepare"), recipe)
-        history = _train(recipe, recipe.correct, model, arch, run, run.teacher_corrected)
+        history = _train(recipe, recipe.correct, model, arch, run, run.teacher_corrected,
+                         inputs={"model": fingerprint(run.teacher)})
         save_checkpoint(model, arch, run.teacher_corrected)
         _write_json(run.teacher_corrected / "history.json", history)
 
@@ -282,11 +299,13 @@ def prune(recipe: RecipeConfig) -> None:
 
 
 def distill_model(recipe: RecipeConfig, student, arch, out_dir: Path, d, teacher_dir: Path | None,
-                  train_split=None) -> list[dict]:
+                  student_source: str, train_split=None) -> list[dict]:
     """Train ``student`` (a model of ``arch``) with the settings ``d`` (a DistillConfig) into ``out_dir``: logit
     distillation from the checkpoint ``teacher_dir`` (live, or its cached top-K log-probs with
     d.cached_teacher_top_k), or the LM loss alone when ``teacher_dir`` is None; on ``train_split`` (default: the
-    run's train split). Saves the checkpoint, history.json and the Hugging Face export (hf/); returns the history."""
+    run's train split). ``student_source`` names the initial student (the fingerprint of its checkpoint, or how it
+    was initialised): with the teacher's fingerprint, the data and the loss settings it guards resuming. Saves the
+    checkpoint, history.json and the Hugging Face export (hf/); returns the history."""
     from transformers import AutoTokenizer
 
     from nemo_minitron.data.order import rows_read
@@ -294,10 +313,15 @@ def distill_model(recipe: RecipeConfig, student, arch, out_dir: Path, d, teacher
     from nemo_minitron.distillation.intermediate import IntermediateLoss
     from nemo_minitron.distillation.losses import VocabParallelKDLoss
     from nemo_minitron.distillation.teacher import CachedTopKKLLoss, Teacher, cached_teacher
-    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.models.checkpoint import fingerprint, save_checkpoint
     from nemo_minitron.models.hf_convert import save_hf_checkpoint
 
     run = RunDir(recipe.run_dir)
+    inputs = {"student": student_source, "teacher": None if teacher_dir is None else fingerprint(teacher_dir),
+              "loss": {k: getattr(d, k) for k in ("loss", "temperature", "top_k", "cached_teacher_top_k",
+                                                  "lm_loss_weight", "intermediate_pairs", "intermediate_loss",
+                                                  "intermediate_weight", "balance_losses")}}
+    split_given = train_split
     train_split = run.split("train") if train_split is None else train_split
     if teacher_dir is None:
         forward_step = ForwardStep()
@@ -317,7 +341,7 @@ def distill_model(recipe: RecipeConfig, student, arch, out_dir: Path, d, teacher
                                             weight=d.intermediate_weight, balance=d.balance_losses)
         forward_step = ForwardStep(teacher, loss, lm_loss_weight=d.lm_loss_weight, intermediate=intermediate,
                                    fuse_output_layer=d.fuse_output_layer)
-    history = _train(recipe, d, student, arch, run, out_dir, forward_step, train_split)
+    history = _train(recipe, d, student, arch, run, out_dir, forward_step, split_given, inputs)
     save_checkpoint(student, arch, out_dir)
     _write_json(out_dir / "history.json", history)
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer) if run.tokenizer.exists() else None
@@ -328,12 +352,14 @@ def distill_model(recipe: RecipeConfig, student, arch, out_dir: Path, d, teacher
 def distill(recipe: RecipeConfig) -> None:
     """Logit distillation of the chosen pruned student from the teacher (live, or its cached top-K log-probs:
     distill.cached_teacher_top_k); exports the result to Hugging Face."""
+    from nemo_minitron.models.checkpoint import fingerprint
+
     run = RunDir(recipe.run_dir)
     d = recipe.distill
     with timed(run, "distill"):
         student, arch = _load(run.require(run.pruned(d.student), "prune"), recipe)
         out = run.distilled(d.student)
-        distill_model(recipe, student, arch, out, d, run.active_teacher())
+        distill_model(recipe, student, arch, out, d, run.active_teacher(), fingerprint(run.pruned(d.student)))
         log(f"[distill] {d.student} student -> {out} (Hugging Face export in {out / 'hf'})")
 
 
@@ -344,6 +370,7 @@ def compress_rounds(recipe: RecipeConfig) -> None:
     from dataclasses import replace
 
     from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.models.checkpoint import fingerprint
 
     run = RunDir(recipe.run_dir)
     source = run.active_teacher()
@@ -356,7 +383,8 @@ def compress_rounds(recipe: RecipeConfig) -> None:
             prune_model(recipe, source, scores, recipe.prune[r.target], run.pruned(r.target))
             student, arch = _load(run.pruned(r.target), recipe)
             d = replace(recipe.distill, steps=r.steps, student=r.target)
-            distill_model(recipe, student, arch, run.distilled(r.target), d, source)
+            distill_model(recipe, student, arch, run.distilled(r.target), d, source,
+                          fingerprint(run.pruned(r.target)))
             log(f"[rounds] round {i + 1}: {r.target} ({arch.num_parameters() / 1e6:.1f}M) distilled from "
                 f"{source.relative_to(run.root)}")
             source = run.distilled(r.target)

@@ -62,7 +62,7 @@ def run_search(recipe: RecipeConfig) -> dict:
 
     from nemo_minitron.evaluation.loss import validation_loss
     from nemo_minitron.importance.scores import ImportanceScores
-    from nemo_minitron.models.checkpoint import load_arch
+    from nemo_minitron.models.checkpoint import fingerprint, load_arch
     from nemo_minitron.pruning.apply import apply_plan
     from nemo_minitron.pruning.plan import make_plan
 
@@ -102,7 +102,8 @@ def run_search(recipe: RecipeConfig) -> dict:
             target = found[int(row["name"].split("_")[1])]
             pipeline.prune_model(recipe, teacher, scores, target, run.pruned(row["name"]))
             student, student_arch = pipeline._load(run.pruned(row["name"]), recipe)
-            pipeline.distill_model(recipe, student, student_arch, run.distilled(row["name"]), d, teacher)
+            pipeline.distill_model(recipe, student, student_arch, run.distilled(row["name"]), d, teacher,
+                                   fingerprint(run.pruned(row["name"])))
             row["distilled_loss"] = validation_loss(student, selection, mb)
             log(f"[search] {row['name']} after {s.steps} distillation steps: selection loss "
                 f"{row['distilled_loss']:.4f} (pruned rank {row['pruned_rank']})")

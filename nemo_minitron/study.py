@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from nemo_minitron import pipeline
 from nemo_minitron.config import RecipeConfig, RoundConfig
@@ -42,10 +43,7 @@ class Study:
     """The arms of one study over one run folder (see module docstring)."""
 
     def __init__(self, recipe: RecipeConfig):
-        from megatron.core import parallel_state
-
-        if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() \
-                * parallel_state.get_data_parallel_world_size() > 1:
+        if dist.get_world_size() > 1:
             raise ValueError("minitron study runs in one process: start it without torchrun")
         s = recipe.study
         for key in ("width_target", "depth_target", "round_target"):
@@ -149,6 +147,7 @@ class Study:
     def run_arm(self, arm: str) -> dict:
         """Train one arm; its record: params, arch, tokens / val_loss curve (step 0 included), seconds."""
         from nemo_minitron.evaluation.loss import validation_loss
+        from nemo_minitron.models.checkpoint import fingerprint
 
         r, run, s = self.recipe, self.run, self.recipe.study
         corrected, original = run.teacher_corrected, run.teacher
@@ -181,7 +180,9 @@ class Study:
         if arm.startswith("scratch") and s.scratch_lr is not None:
             d = replace(d, lr=s.scratch_lr, min_lr=d.min_lr * s.scratch_lr / d.lr)
         initial = validation_loss(model, run.split("validation")[:], r.eval.micro_batch_size)
-        history = pipeline.distill_model(r, model, arch, run.distilled(arm), d, teacher, train)
+        source = (f"random initialisation, seed {r.data.seed}" if arm.startswith("scratch")
+                  else fingerprint(run.pruned(arm)))
+        history = pipeline.distill_model(r, model, arch, run.distilled(arm), d, teacher, source, train)
         return self._record(arch, [(0, initial)] + _evals(history), start, str(run.distilled(arm)))
 
     def _two_rounds(self, start: float) -> dict:
@@ -270,7 +271,8 @@ def tokens_to_match(scratch: dict, minitron: dict) -> dict:
 
 
 def quality_table(quality: dict) -> str:
-    rows = ["| arm | params (M) | val loss at 0 tokens | final val loss | train time (s) |", "|---|---:|---:|---:|---:|"]
+    rows = ["| arm | params (M) | val loss at 0 tokens | final val loss | train time (s) |",
+            "|---|---:|---:|---:|---:|"]
     for label, t in quality["teachers"].items():
         rows.append(f"| {label} | {t['params'] / 1e6:.1f} | | {t['val_loss']:.3f} | |")
     for arm, r in sorted(quality["arms"].items(), key=lambda item: item[1]["final_val_loss"]):
@@ -279,8 +281,8 @@ def quality_table(quality: dict) -> str:
     match = quality.get("tokens_to_match")
     if match:
         line = (f"{match['ratio']:.1f}x" if match["reached"] else
-                f"more than {match['ratio_at_least']:.1f}x (scratch_lm never reached {match['minitron_final_val_loss']:.3f} "
-                f"within its budget: {match['scratch_final_val_loss']:.3f})")
+                f"more than {match['ratio_at_least']:.1f}x (scratch_lm never reached "
+                f"{match['minitron_final_val_loss']:.3f} within its budget: {match['scratch_final_val_loss']:.3f})")
         rows.append(f"\nTokens to match (scratch_lm tokens to reach minitron_width's final loss / its tokens): {line}")
     return "\n".join(rows)
 

@@ -247,6 +247,27 @@ def test_block_search_by_task_metric(tiny_run, tiny_task_path, tmp_path, single_
     assert plan["layers_keep"] == [i for i in range(4) if i not in (best, best + 1)]
 
 
+def test_resume_refuses_a_re_pruned_student_and_applies_new_schedule(tiny_run, tmp_path):
+    """distill on a run folder whose train_state came from another pruned student is refused (naming what
+    changed) instead of resuming the old model; more steps on the same inputs resume and the change is logged."""
+    import shutil
+
+    tp1_dir, _ = tiny_run
+    run_dir = tmp_path / "stale"
+    shutil.copytree(tp1_dir, run_dir)
+    out = minitron("distill", "--run-dir", str(run_dir), "distill.steps=10", "distill.lr=4e-3")
+    assert "[resume] steps: 8 in iter_0000008 -> 10" in out and "[resume] lr: 0.003 in iter_0000008 -> 0.004" in out
+    history = json.loads((run_dir / "distilled" / "width" / "history.json").read_text())
+    assert history[-1]["step"] == 10 and [h["step"] for h in history][:4] == [1, 2, 3, 4]
+    minitron("prune", "--run-dir", str(run_dir), "prune.width.ffn_hidden_size=48")
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "nemo_minitron.cli", "distill", "--run-dir", str(run_dir),
+                           "prune.width.ffn_hidden_size=48"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0
+    assert "holds training state from other inputs (student changed" in proc.stdout + proc.stderr
+
+
 def test_eval_stage_scores_lm_eval_tasks(tiny_run, tiny_hf_run_inputs, tiny_task_path, tmp_path, single_process,
                                          capsys):
     """With eval.tasks the eval stage (here in-process, on a copy of the tiny run) also scores every model on

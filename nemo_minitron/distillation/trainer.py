@@ -92,11 +92,12 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
 
-def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict]) -> None:
+def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict],
+          inputs: dict) -> None:
     """checkpoint_dir/iter_{step:07d}/: model weights (save_checkpoint: dist_checkpointing + arch.json + manifest,
     loadable by load_checkpoint), optimizer/ (dist_checkpointing of optimizer.sharded_state_dict, + manifest),
-    trainer_state.json (step, scheduler, history). Written as iter_{step:07d}.partial and renamed into place once
-    complete; then checkpoint_dir/latest is replaced (os.replace) to name it, so a kill at any moment leaves latest
+    trainer_state.json (step, scheduler, history, inputs). Written as iter_{step:07d}.partial and renamed into place
+    once complete; then checkpoint_dir/latest is replaced (os.replace) to name it, so a kill at any moment leaves latest
     naming a complete checkpoint."""
     from megatron.core import dist_checkpointing
 
@@ -117,7 +118,7 @@ def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, hi
     dist.barrier()
     if is_rank0():
         write_manifest(partial / "optimizer")
-        state = {"step": step, "scheduler": scheduler.state_dict(), "history": history}
+        state = {"step": step, "scheduler": scheduler.state_dict(), "history": history, "inputs": inputs}
         (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         old = iter_dir.with_name(iter_dir.name + ".old")
         if iter_dir.exists():  # the same step saved again: the old copy stays until latest names the new one
@@ -154,14 +155,35 @@ def _latest_dir(checkpoint_dir: Path) -> Path:
     return iter_dir
 
 
-def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    """Load the checkpoint named by checkpoint_dir/latest into model, optimizer and scheduler in place; returns
+# schedule settings a resumed run takes from its TrainConfig (logged when they differ from the checkpoint's)
+_SCHEDULE = {"lr": "max_lr", "min_lr": "min_lr", "warmup_steps": "lr_warmup_steps", "steps": "lr_decay_steps"}
+
+
+def _check_inputs(checkpoint_dir: Path, saved: dict | None, inputs: dict) -> None:
+    """ValueError naming what changed unless the checkpoint was trained from ``inputs``."""
+    saved = saved or {}
+    changed = sorted(k for k in set(saved) | set(inputs) if saved.get(k) != inputs.get(k))
+    if changed:
+        raise ValueError(f"{checkpoint_dir} holds training state from other inputs ({', '.join(changed)} changed "
+                         f"since it was written: e.g. re-scored, re-pruned or new data); resuming would train the old "
+                         f"model: delete {checkpoint_dir} to start this stage afresh")
+
+
+def _load(checkpoint_dir: Path, model, optimizer, scheduler, cfg: TrainConfig, inputs: dict) -> tuple[int, list]:
+    """Load the checkpoint named by checkpoint_dir/latest into model, optimizer and scheduler in place (refused if
+    it was trained from other ``inputs``; the schedule of ``cfg`` applies, each change logged); returns
     (step, history)."""
     from megatron.core import dist_checkpointing
 
     from megatron.core.optimizer import DistributedOptimizer
 
     iter_dir = _latest_dir(checkpoint_dir)
+    state = json.loads((iter_dir / TRAINER_STATE).read_text())
+    _check_inputs(checkpoint_dir, state.get("inputs"), inputs)
+    for name, key in _SCHEDULE.items():
+        if state["scheduler"].get(key) != getattr(cfg, name) and is_rank0():
+            print(f"[resume] {name}: {state['scheduler'].get(key)} in {iter_dir.name} -> {getattr(cfg, name)} "
+                  f"(the setting of this run applies)", flush=True)
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for part in parts:
         if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
@@ -174,7 +196,6 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
     with torch.no_grad():  # the distributed optimizer copies into float32 shards that may view the parameters
         optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, str(iter_dir / "optimizer")))
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir)))
-    state = json.loads((iter_dir / TRAINER_STATE).read_text())
     scheduler.load_state_dict(state["scheduler"])
     for part in parts:
         if isinstance(part, DistributedOptimizer):
@@ -204,7 +225,7 @@ def _stop_if_nonfinite(values: dict, step: int, lr: float, checkpoint_dir: Path 
 
 def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: ForwardStep | None = None, *,
           validation: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None, arch=None,
-          resume: bool = True, progress: bool = True) -> list[dict]:
+          resume: bool = True, progress: bool = True, inputs: dict | None = None) -> list[dict]:
     """Train ``model`` (this rank's Megatron-Core GPTModel) in place for cfg.steps steps; returns the history.
 
     forward_step: what one micro-batch computes (distillation/forward_step.py); the default ForwardStep() is LM
@@ -219,7 +240,9 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     validation: sequences [m, s + 1] (the same on every rank): validation loss every cfg.eval_interval steps and
         at the end.
     checkpoint_dir: save every cfg.save_interval steps and at the end (needs ``arch``, the student's ModelArch);
-        with resume, continue from checkpoint_dir/latest when it exists.
+        with resume, continue from checkpoint_dir/latest when it exists. ``inputs`` (e.g. content hashes of the
+        teacher, the initial student and the data) are saved with it; resuming from other inputs is refused, while
+        the schedule (lr, min_lr, warmup_steps, steps) of ``cfg`` applies to a resumed run.
     History: one dict per logged step: step, lr, loss (the minimised objective), kd_loss / lm_loss / inter_loss
     (unweighted components; inter_loss is the mean over the pairs), grad_norm, seconds, val_loss at evaluation
     steps, and skipped=True on a step whose update fp16 loss scaling skipped (inf / NaN gradients).
@@ -278,14 +301,15 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
             lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
-            wd_incr_steps=cfg.steps, wd_incr_style="constant")
+            wd_incr_steps=cfg.steps, wd_incr_style="constant", override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False)
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
         config.no_sync_func = ddp_model.no_sync
 
         step, history = 0, []
         if checkpoint_dir is not None and resume and (checkpoint_dir / LATEST).is_file():
-            step, history = _load(checkpoint_dir, model, optimizer, scheduler)
+            step, history = _load(checkpoint_dir, model, optimizer, scheduler, cfg, inputs or {})
         local_validation = None
         if validation is not None:
             per_rank = validation.shape[0] // dp_size
@@ -332,7 +356,7 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
             if bar is not None:
                 bar.update(1)
             if checkpoint_dir is not None and (last or (cfg.save_interval and step % cfg.save_interval == 0)):
-                _save(checkpoint_dir, step, model, arch, optimizer, scheduler, history)
+                _save(checkpoint_dir, step, model, arch, optimizer, scheduler, history, inputs or {})
     finally:
         if bar is not None:
             bar.close()

@@ -123,8 +123,8 @@ def add_loss_metrics(scores: ImportanceScores, model, validation: torch.Tensor, 
     At pipeline_model_parallel_size=1 every block's loss comes from cached layer inputs (``cached_block_losses``).
     screen_tokens < seq_length screens: lm_loss_drop and blocks[k] are measured on the first screen_tokens positions
     of every window (causal, so exact for those positions), then the ``screen_keep`` lowest blocks of each searched
-    size are measured again on all tokens (meta["block_confirmed"][k] = {start: loss}) and ``ImportanceScores.best_block`` picks
-    among those.
+    size are measured again on all tokens (meta["block_confirmed"][k] = {start: loss}) and
+    ``ImportanceScores.best_block`` picks among those.
     """
     from megatron.core import parallel_state
 

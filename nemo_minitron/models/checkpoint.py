@@ -33,11 +33,17 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_checkpoint_file(path: Path) -> bool:
+    """A file that dist_checkpointing or save_checkpoint writes (a run may keep others beside them: plan.json,
+    history.json, subfolders such as train_state/ or hf/)."""
+    return path.is_file() and (path.suffix == ".distcp" or path.name in (".metadata", "metadata.json", "common.pt",
+                                                                         ARCH_FILE))
+
+
 def _manifest(directory: Path) -> dict:
-    """{"files": {name: {"size": bytes, "blake2b": hex}}} of the checkpoint's files (the files directly in
-    ``directory``: subfolders such as train_state/ or hf/ are other artefacts)."""
+    """{"files": {name: {"size": bytes, "blake2b": hex}}} of the checkpoint's files."""
     return {"files": {p.name: {"size": p.stat().st_size, "blake2b": _file_digest(p)}
-                      for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}}
+                      for p in sorted(directory.iterdir()) if _is_checkpoint_file(p)}}
 
 
 def write_manifest(directory: Path) -> None:
