@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = [["bench_importance"], ["bench_importance", "--tp", "2"], ["bench_kd_step"], ["bench_kd_loss_memory"],
-              ["bench_pruned_speed"], ["bench_bridge_kd_step"], ["bench_data_rss"]]
+              ["bench_pruned_speed"], ["bench_inference_speed"], ["bench_bridge_kd_step"], ["bench_data_rss"],
+              ["bench_depth_search"]]
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent

@@ -160,8 +160,13 @@ _SCHEDULE = {"lr": "max_lr", "min_lr": "min_lr", "warmup_steps": "lr_warmup_step
 
 
 def _check_inputs(checkpoint_dir: Path, saved: dict | None, inputs: dict) -> None:
-    """ValueError naming what changed unless the checkpoint was trained from ``inputs``."""
-    saved = saved or {}
+    """ValueError naming what changed unless the checkpoint was trained from ``inputs`` (a checkpoint written before
+    inputs were recorded is resumed, with a warning)."""
+    if saved is None:
+        if is_rank0():
+            print(f"[resume] {checkpoint_dir} does not record its inputs (an older run): resuming it unchecked",
+                  flush=True)
+        return
     changed = sorted(k for k in set(saved) | set(inputs) if saved.get(k) != inputs.get(k))
     if changed:
         raise ValueError(f"{checkpoint_dir} holds training state from other inputs ({', '.join(changed)} changed "
