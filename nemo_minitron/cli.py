@@ -66,9 +66,10 @@ def parse_args(argv):
 
 def resolve_recipe(args):
     """The recipe for this command: --run DIR's saved recipe, --recipe FILE, or the demo's (the study's)."""
-    if args.quick and args.command != "study":
+    quick = getattr(args, "quick", False)  # `python -m nemo_minitron.bridge` shares this without --quick
+    if quick and args.command != "study":
         raise SystemExit(f"minitron {args.command}: --quick is an option of `minitron study`")
-    overrides = (QUICK_STUDY if args.quick else []) + list(args.overrides)
+    overrides = (QUICK_STUDY if quick else []) + list(args.overrides)
     if args.run:
         path = Path(args.run) / "recipe.yaml"
         if not path.exists():
