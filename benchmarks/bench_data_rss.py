@@ -7,8 +7,8 @@ its windows) and then what training reads (data.order.global_batch: the first ``
 train split). Its peak is the child's own getrusage ru_maxrss at the end. The corpus is deterministic synthetic
 text: one jsonl file of documents of 100-1500 words drawn with a seeded generator from the words of a Shakespeare
 play, ``--mb`` MB (1x) and 10 x ``--mb`` MB (10x). The pairs (1x, 10x) run back to back; the figure is the median
-ratio over the pairs. Each child also reports its RssAnon (heap: bounded by one tokenizer batch and one 1 MiB json
-read) and RssFile (libraries, and the pages of the memory-mapped token file that the reads touched: clean page
+ratio over the pairs. Each child also reports its RssAnon (heap: bounded by one tokenizer batch and one jsonl
+line) and RssFile (libraries, and the pages of the memory-mapped token file that the reads touched: clean page
 cache, bounded by the reads, not by the corpus) at its end.
 
     .venv/bin/python -m benchmarks.bench_data_rss

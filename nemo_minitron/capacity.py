@@ -153,10 +153,10 @@ def teacher_arch(source: str) -> ModelArch:
     metadata (no weights are read)."""
     from transformers import AutoConfig
 
-    from nemo_minitron.models.hf_convert import arch_from_hf_config
+    from nemo_minitron.models.hf_convert import arch_from_hf_config, hf_config_arch
 
     if source != EMBEDDED_MODEL:
-        return arch_from_hf_config(AutoConfig.from_pretrained(source, local_files_only=True))
+        return hf_config_arch(source)
     from nemo_minitron.models.embedded import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()

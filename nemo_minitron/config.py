@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_minitron.data.corpus import SHAKESPEARE
@@ -107,6 +108,7 @@ class TrainStageConfig:
     clip_grad: float = 1.0
     eval_interval: int = 0  # 0: evaluate only at the end
     save_interval: int = 0  # 0: checkpoint only at the end
+    skip_nonfinite_steps: int = 0  # steps of non-finite loss skipped (logged) before one stops the run
 
     def train_config(self, seed: int, use_distributed_optimizer: bool = False):
         """The trainer's TrainConfig for these settings (it validates them)."""
@@ -116,7 +118,8 @@ class TrainStageConfig:
                            global_batch_size=self.global_batch_size, lr=self.lr, min_lr=self.min_lr,
                            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
                            eval_interval=self.eval_interval, save_interval=self.save_interval, seed=seed,
-                           use_distributed_optimizer=use_distributed_optimizer)
+                           use_distributed_optimizer=use_distributed_optimizer,
+                           skip_nonfinite_steps=self.skip_nonfinite_steps)
 
 
 @dataclass
@@ -238,6 +241,8 @@ class RecipeConfig:
             raise ValueError("score.depth_metrics lm_loss_drop and score.block_sizes are measured on held-out "
                              "sequences: set data.num_selection >= 1")
         tp = self.parallel.tensor_model_parallel_size
+        _positive("parallel.tensor_model_parallel_size", tp)
+        _positive("parallel.pipeline_model_parallel_size", self.parallel.pipeline_model_parallel_size)
         if self.parallel.sequence_parallel and (tp == 1 or d.seq_length % tp):
             raise ValueError(f"parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 dividing "
                              f"data.seq_length ({d.seq_length}), got tensor_model_parallel_size={tp}")
@@ -351,7 +356,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), on_th
         if path is not None:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"recipe file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         recipe = OmegaConf.to_object(merged)
         # as written, for save_recipe: interpolations such as ${oc.env:HF_TOKEN} stay unresolved (no secrets on disk)
@@ -359,6 +364,21 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), on_th
     except OmegaConfBaseException as err:  # unknown key or wrong type: OmegaConf names the full key
         raise ValueError(f"recipe {path or '(defaults)'}: {err}") from None
     return recipe.validate(on_this_machine)
+
+
+def _read_yaml(path: str | Path):
+    """The mapping in the YAML file ``path``; ValueError naming the file (and line) when it is not one."""
+    try:
+        config = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        where = [f"{what} at line {mark.line + 1} column {mark.column + 1}" for what, mark in
+                 ((err.problem, err.problem_mark), (err.context, err.context_mark)) if what and mark]
+        raise ValueError(f"recipe {path}: YAML syntax error: {'; '.join(where) or err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"recipe {path} is not a YAML text file: {err}") from None
+    if not isinstance(config, DictConfig):
+        raise ValueError(f"recipe {path} must be a mapping of settings (section: ...), not a list")
+    return config
 
 
 def save_recipe(recipe: RecipeConfig, path: str | Path) -> None:

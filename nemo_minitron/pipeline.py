@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.config import EMBEDDED_MODEL, RecipeConfig, save_recipe
-from nemo_minitron.runtime.distributed import is_rank0
+from nemo_minitron.runtime.distributed import is_rank0, on_rank0
 
 
 def log(message: str) -> None:
@@ -126,50 +126,65 @@ def _load(path: Path, recipe: RecipeConfig, local: bool = False):
     return load_checkpoint(path, **build_kwargs(recipe, local))
 
 
+def _check_model(recipe: RecipeConfig, arch) -> None:
+    """``arch`` against this run's tensor-parallel size, and every prune target against ``arch`` (before any
+    compute): ValueError naming the target and field."""
+    from megatron.core import parallel_state
+
+    from nemo_minitron.pruning.plan import validate
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    arch.check_tensor_parallel(tp)
+    for name, target in recipe.prune.items():
+        try:
+            validate(arch, target, tp_size=tp)
+        except ValueError as err:
+            raise ValueError(str(err).replace("prune.", f"prune.{name}.")) from None
+
+
 # --------------------------------------------------------------------------------------------------- stages
 
 
 def prepare(recipe: RecipeConfig) -> None:
-    """Tokenise the corpus (cached) and split its windows; convert the teacher to a Megatron-Core checkpoint."""
-    from megatron.core import parallel_state
-    from transformers import AutoTokenizer
-
+    """Tokenise the corpus (cached) and split its windows; convert the teacher to a Megatron-Core checkpoint. The
+    model folder (config, weight headers, tokenizer) and the prune targets are checked first, on every rank."""
     from nemo_minitron.data.splits import write_splits
     from nemo_minitron.models.build import build_gpt_model
     from nemo_minitron.models.checkpoint import save_checkpoint
-    from nemo_minitron.models.hf_convert import load_hf_checkpoint, load_hf_state_dict
-    from nemo_minitron.pruning.plan import validate as validate_target
+    from nemo_minitron.models.hf_convert import load_hf_checkpoint, load_hf_state_dict, load_hf_tokenizer
 
     run = RunDir(recipe.run_dir)
     with timed(run, "prepare"):
-        if is_rank0():
-            run.root.mkdir(parents=True, exist_ok=True)
-            save_recipe(recipe, run.root / "recipe.yaml")
         if recipe.model.source == EMBEDDED_MODEL:
             from nemo_minitron.models.embedded import embedded_teacher_dir
 
-            hf_dir = embedded_teacher_dir() if is_rank0() else None
-            if dist.is_initialized():
-                box = [hf_dir]
-                dist.broadcast_object_list(box, src=0)
-                hf_dir = box[0]
+            hf_dir = on_rank0(embedded_teacher_dir)
         else:
             hf_dir = Path(recipe.model.source)
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        d = recipe.data
-        if is_rank0():
-            sizes = write_splits(run.data, d.sources(), tokenizer, seq_length=d.seq_length, seed=d.seed,
-                                 num_calibration=d.num_calibration, num_validation=d.num_validation,
-                                 num_selection=d.num_selection, num_train=d.num_train, text_field=d.text_field)
-            tokenizer.save_pretrained(run.tokenizer)
-            log(f"[prepare] {sizes['windows']} sequences of {d.seq_length} tokens: " + ", ".join(
-                f"{name} {sizes[name]}" for name in ("calibration", "validation", "selection", "train")))
         arch, state_dict = load_hf_checkpoint(hf_dir)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        for target in recipe.prune.values():  # fail now, not after scoring
-            validate_target(arch, target, tp_size=tp)
+        tokenizer = load_hf_tokenizer(hf_dir)
+        if len(tokenizer) > arch.vocab_size:
+            raise ValueError(f"model.source {hf_dir}: its tokenizer has {len(tokenizer)} tokens, more than the "
+                             f"vocab_size {arch.vocab_size} of its config.json: is it another model's tokenizer?")
+        _check_model(recipe, arch)
+        d = recipe.data
+
+        def write_data():
+            run.root.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, run.root / "recipe.yaml")
+            tokenizer.save_pretrained(run.tokenizer)
+            return write_splits(run.data, d.sources(), tokenizer, seq_length=d.seq_length, seed=d.seed,
+                                num_calibration=d.num_calibration, num_validation=d.num_validation,
+                                num_selection=d.num_selection, num_train=d.num_train, text_field=d.text_field)
+
+        sizes = on_rank0(write_data)  # a bad data source fails every rank
+        log(f"[prepare] {sizes['windows']} sequences of {d.seq_length} tokens: " + ", ".join(
+            f"{name} {sizes[name]}" for name in ("calibration", "validation", "selection", "train")))
         model = build_gpt_model(arch, **build_kwargs(recipe))
-        load_hf_state_dict(model, state_dict, arch)
+        try:
+            load_hf_state_dict(model, state_dict, arch)
+        except ValueError as err:  # missing tensors or other shapes
+            raise ValueError(f"model.source {hf_dir}: its weights do not match its config.json: {err}") from None
         save_checkpoint(model, arch, run.teacher)
         log(f"[prepare] teacher {arch.num_parameters() / 1e6:.1f}M parameters -> {run.teacher}")
 
@@ -218,8 +233,9 @@ def correct(recipe: RecipeConfig) -> None:
 
 def score_model(recipe: RecipeConfig, model_dir: Path, out_dir: Path):
     """ImportanceScores of the checkpoint ``model_dir`` (see ``score``), saved with their plots in ``out_dir``."""
-    from nemo_minitron.importance.plots import plot_importance
     from nemo_minitron.importance.compute import compute_importance
+    from nemo_minitron.importance.plots import plot_importance
+    from nemo_minitron.models.checkpoint import fingerprint
 
     run = RunDir(recipe.run_dir)
     model, arch = _load(model_dir, recipe, local=True)
@@ -232,6 +248,8 @@ def score_model(recipe: RecipeConfig, model_dir: Path, out_dir: Path):
     )
     if s.block_task is not None:
         _score_blocks_on_task(recipe, model, scores)
+    scores.check_finite(str(model_dir))
+    scores.meta["model"] = fingerprint(model_dir)  # what prune checks its source against
     if is_rank0():
         scores.save(out_dir)
         plot_importance(scores, out_dir)
@@ -269,8 +287,9 @@ def score(recipe: RecipeConfig) -> None:
 
 def prune_model(recipe: RecipeConfig, source_dir: Path, scores, target, out_dir: Path):
     """Prune a fresh copy of the checkpoint ``source_dir`` to ``target`` by ``scores``; saves the pruned
-    checkpoint and plan.json in ``out_dir``; returns the pruned ModelArch."""
-    from nemo_minitron.models.checkpoint import save_checkpoint
+    checkpoint, plan.json and made_from.json (the source's fingerprint and the scores' digest) in ``out_dir``;
+    returns the pruned ModelArch."""
+    from nemo_minitron.models.checkpoint import fingerprint, save_checkpoint
     from nemo_minitron.pruning.apply import apply_plan
     from nemo_minitron.pruning.plan import make_plan
 
@@ -279,21 +298,51 @@ def prune_model(recipe: RecipeConfig, source_dir: Path, scores, target, out_dir:
     new_arch = apply_plan(model, arch, plan)
     save_checkpoint(model, new_arch, out_dir)
     _write_json(out_dir / "plan.json", plan.to_dict())
+    _write_json(out_dir / MADE_FROM, {"model": fingerprint(source_dir), "scores": scores.digest()})
     log(f"[prune] {out_dir.name}: {arch.num_parameters() / 1e6:.1f}M -> {new_arch.num_parameters() / 1e6:.1f}M "
         f"parameters (layers {new_arch.num_layers}, hidden {new_arch.hidden_size}, ffn {new_arch.ffn_hidden_size}, "
         f"heads {new_arch.num_attention_heads}, groups {new_arch.num_query_groups})")
     return new_arch
 
 
-def prune(recipe: RecipeConfig) -> None:
-    """Apply every prune target to a fresh copy of the teacher and save each pruned model."""
+MADE_FROM = "made_from.json"
+
+
+def _check_made_from(run: RunDir, pruned_dir: Path) -> None:
+    """ValueError when the pruned checkpoint ``pruned_dir`` was made from another teacher or other scores than the
+    run's current ones (a stage re-run after pruning); a folder without made_from.json passes."""
     from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.models.checkpoint import fingerprint
+
+    path = pruned_dir / MADE_FROM
+    if not path.is_file():
+        return
+    made_from = json.loads(path.read_text())
+    if made_from["model"] != fingerprint(run.active_teacher()):
+        raise ValueError(f"{pruned_dir} was pruned from another model than the teacher {run.active_teacher()} (it "
+                         "changed after pruning, e.g. correct-teacher ran again): run `minitron score` and "
+                         "`minitron prune` again")
+    if made_from["scores"] != ImportanceScores.load(run.scores).digest():
+        raise ValueError(f"{pruned_dir} was pruned by other importance scores than those in {run.scores} (scored "
+                         "again after pruning): run `minitron prune` again")
+
+
+def prune(recipe: RecipeConfig) -> None:
+    """Apply every prune target to a fresh copy of the teacher and save each pruned model; refused when the scores
+    were computed from another model than the teacher."""
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.models.checkpoint import fingerprint, load_arch
 
     run = RunDir(recipe.run_dir)
     if not recipe.prune:
         raise ValueError("prune: the recipe has no targets; add e.g. prune.width.hidden_size=...")
     with timed(run, "prune"):
+        _check_model(recipe, load_arch(run.require(run.active_teacher(), "prepare")))
         scores = ImportanceScores.load(run.scores)
+        if scores.meta.get("model", fingerprint(run.active_teacher())) != fingerprint(run.active_teacher()):
+            raise ValueError(f"the scores in {run.scores} were computed from another model than the teacher "
+                             f"{run.active_teacher()} (it changed after scoring, e.g. correct-teacher ran again): "
+                             "run `minitron score` again")
         for name, target in recipe.prune.items():
             prune_model(recipe, run.active_teacher(), scores, target, run.pruned(name))
 
@@ -357,7 +406,8 @@ def distill(recipe: RecipeConfig) -> None:
     run = RunDir(recipe.run_dir)
     d = recipe.distill
     with timed(run, "distill"):
-        student, arch = _load(run.require(run.pruned(d.student), "prune"), recipe)
+        _check_made_from(run, run.require(run.pruned(d.student), "prune"))
+        student, arch = _load(run.pruned(d.student), recipe)
         out = run.distilled(d.student)
         distill_model(recipe, student, arch, out, d, run.active_teacher(), fingerprint(run.pruned(d.student)))
         log(f"[distill] {d.student} student -> {out} (Hugging Face export in {out / 'hf'})")

@@ -133,3 +133,19 @@ def test_truncated_checkpoint_file_is_named_before_loading(tiny_arch, single_pro
     shard.unlink()
     with pytest.raises(ValueError, match=f"{shard.name} is missing"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_checkpoint_without_manifest_missing_common_file_or_with_a_non_finite_weight(tiny_arch, single_process,
+                                                                                     tmp_path):
+    model = build_gpt_model(tiny_arch)
+    save_checkpoint(model, tiny_arch, tmp_path / "ck")
+    (tmp_path / "ck" / "manifest.json").unlink()  # as a copy that lost it would be
+    (tmp_path / "ck" / "common.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint .*ck is incomplete: common.pt is missing or empty"):
+        load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        model.decoder.layers[1].self_attention.linear_proj.weight[2, :3] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"not saving .*bad: weight decoder.layers.1.self_attention."
+                                                 r"linear_proj.weight holds 3 non-finite values \(of 4096\)"):
+        save_checkpoint(model, tiny_arch, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -330,6 +330,11 @@ def test_score_reads_the_selection_split(tmp_path, word_tokenizer, monkeypatch, 
     seen = {}
 
     class Scores:
+        meta = {}
+
+        def check_finite(self, source):
+            pass
+
         def save(self, path):
             seen["saved"] = path
 

@@ -337,3 +337,13 @@ def test_tp2_pp2_dp2_equal_single_process(tiny_arch, single_process):
                   for i, agg in enumerate((("mean", "l2"), ("var", "var")))}
     state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     run_distributed(_parallel_worker, 2, tiny_arch, state, calibration, validation, references)
+
+
+def test_non_finite_scores_are_refused_naming_each_score():
+    ok = torch.ones(4)
+    scores = ImportanceScores(hidden=ok, ffn=torch.tensor([[1.0, float("nan")]]), heads=ok[None],
+                              groups=torch.full((1, 2), float("inf")), layers={"block_influence": ok})
+    with pytest.raises(FloatingPointError, match=r"importance scores of teacher/ are non-finite \(ffn: 1 values, "
+                                                 r"groups: 2 values\)"):
+        scores.check_finite("teacher/")
+    ImportanceScores(hidden=ok, ffn=ok[None], heads=ok[None], groups=ok[None]).check_finite("teacher/")

@@ -17,12 +17,17 @@ from nemo_minitron.pipeline import RunDir
 REPO = Path(__file__).resolve().parent.parent
 
 
-def minitron(*args, timeout=900, nproc=1):
+def run_minitron(*args, timeout=900, nproc=1) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process (under torch.distributed.run with ``nproc`` gloo ranks when > 1)."""
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    proc = subprocess.run([sys.executable, *launcher, "-m", "nemo_minitron.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, *launcher, "-m", "nemo_minitron.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def minitron(*args, timeout=900, nproc=1):
+    """run_minitron, which must succeed; its stdout."""
+    proc = run_minitron(*args, timeout=timeout, nproc=nproc)
     ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank1]"))[-4000:]
     assert proc.returncode == 0, (f"minitron {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
                                   f"\nrank 1:\n{ranks}")
@@ -266,6 +271,45 @@ def test_resume_refuses_a_re_pruned_student_and_applies_new_schedule(tiny_run, t
                           timeout=600)
     assert proc.returncode != 0
     assert "holds training state from other inputs (student changed" in proc.stdout + proc.stderr
+
+
+def test_stages_refuse_outputs_made_from_other_inputs_and_non_finite_models(tiny_run, tmp_path, single_process):
+    """distill refuses a pruned student made from other scores or another teacher than the run's, prune refuses
+    scores of another teacher (each naming the folder and the stage to re-run), and a diverging teacher correction
+    stops naming its step without writing a teacher."""
+    import shutil
+    from dataclasses import replace
+
+    from nemo_minitron import pipeline
+    from nemo_minitron.config import load_recipe
+
+    tp1_dir, _ = tiny_run
+    run_dir = tmp_path / "made_from"
+    shutil.copytree(tp1_dir, run_dir, ignore=lambda d, names: ["distilled"] if d == str(tp1_dir) else [])
+    recipe = load_recipe(run_dir / "recipe.yaml", [f"run_dir={run_dir}"])
+    run = RunDir(run_dir)
+    scores = ImportanceScores.load(run.scores)
+    scores.heads = scores.heads.flip(-1)  # scored again, e.g. on other calibration data
+    scores.save(run.scores)
+    with pytest.raises(ValueError, match=r"pruned/width was pruned by other importance scores than those in .*"
+                                         r"scores \(scored again after pruning\): run `minitron prune` again"):
+        pipeline.distill(recipe)
+    pipeline.prune(recipe)
+    pipeline._check_made_from(run, run.pruned("width"))  # consistent again
+
+    shutil.rmtree(run.teacher_corrected)  # the teacher corrected again, for longer, after scoring
+    pipeline.correct(replace(recipe, correct=replace(recipe.correct, steps=3)))
+    with pytest.raises(ValueError, match=r"the scores in .*scores were computed from another model than the teacher "
+                                         r".*teacher_corrected .*run `minitron score` again"):
+        pipeline.prune(recipe)
+    with pytest.raises(ValueError, match=r"pruned/width was pruned from another model than the teacher "
+                                         r".*teacher_corrected"):
+        pipeline.distill(recipe)
+
+    shutil.rmtree(run.teacher_corrected)
+    with pytest.raises(FloatingPointError, match=r"training step \d+: (lm loss|grad norm) is (nan|inf)"):
+        pipeline.correct(replace(recipe, correct=replace(recipe.correct, lr=1e30, min_lr=1e30)))
+    assert not (run.teacher_corrected / "arch.json").exists()
 
 
 def test_eval_stage_scores_lm_eval_tasks(tiny_run, tiny_hf_run_inputs, tiny_task_path, tmp_path, single_process,

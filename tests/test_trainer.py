@@ -144,6 +144,44 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpo
     assert all(torch.equal(after[k], v) for k, v in before.items() if torch.isfinite(v).all())
 
 
+class _PoisonedStep(ForwardStep):
+    """LM fine-tuning whose loss is NaN on the given micro-batch calls (1-based)."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.calls, self.bad_calls = 0, set(bad_calls)
+
+    def __call__(self, data_iterator, model):
+        output, loss_func = super().__call__(data_iterator, model)
+        self.calls += 1
+        return (output * float("nan") if self.calls in self.bad_calls else output), loss_func
+
+
+def test_skip_nonfinite_steps_skips_without_an_update_then_stops(tiny_arch, single_process):
+    """skip_nonfinite_steps=1: the step whose loss is NaN changes no weight (equal to a run that stopped before
+    it), is kept in the history as skipped, and the run goes on; a second bad step stops it."""
+    seqs = _sequences(tiny_arch, 16)
+    base = build_gpt_model(tiny_arch)
+
+    def cfg(steps, skip=1):
+        return TrainConfig(steps=steps, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-3,
+                           skip_nonfinite_steps=skip)
+
+    skipping = _copy(tiny_arch, base.state_dict())
+    history = train(skipping, seqs, cfg(2), _PoisonedStep({4}), progress=False)  # step 2's second micro-batch
+    assert history[1]["nonfinite_skipped"] and math.isnan(history[1]["loss"]) and history[1]["grad_norm"] is None
+    one_step = _copy(tiny_arch, base.state_dict())
+    train(one_step, seqs, cfg(1, skip=0), progress=False)
+    reference = _params(one_step)
+    assert all(torch.equal(p, reference[name]) for name, p in _params(skipping).items())
+
+    history = train(_copy(tiny_arch, base.state_dict()), seqs, cfg(4), _PoisonedStep({4}), progress=False)
+    assert [bool(e.get("nonfinite_skipped")) for e in history] == [False, True, False, False]
+    assert all(math.isfinite(e["loss"]) and e["grad_norm"] > 0 for e in history[2:])
+    with pytest.raises(FloatingPointError, match="training step 3: lm loss is nan"):
+        train(_copy(tiny_arch, base.state_dict()), seqs, cfg(4), _PoisonedStep({4, 5}), progress=False)
+
+
 def test_cached_teacher_equals_live_top_k(tiny_arch, single_process, tmp_path):
     teacher = Teacher(build_gpt_model(tiny_arch))
     student = build_gpt_model(tiny_arch)

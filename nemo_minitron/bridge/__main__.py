@@ -14,7 +14,8 @@ stages run by Megatron-Bridge's pretrain() (NeMo's training loop).
              to Bridge.
 
 Under torchrun / srun every rank runs the same command. `minitron prune` / `eval` / `report` read what these
-stages write (scores/, teacher_corrected/, distilled/NAME/).
+stages write (scores/, teacher_corrected/, distilled/NAME/). A bad input is reported as one line, exit code 1
+(--debug: the traceback).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep:
-            raise SystemExit(f"python -m nemo_minitron.bridge: override {item!r} is not of the form key=value")
+            raise ValueError(f"override {item!r} is not of the form key=value")
         path = key.lstrip("+~")
         known = OmegaConf.select(schema, path, default="__missing__") != "__missing__" or (
             path.split(".")[0] == "prune")
@@ -46,8 +47,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    from nemo_minitron.cli import resolve_recipe
-    from nemo_minitron.runtime.console import quiet_known_warnings
+    from nemo_minitron.runtime.console import quiet_known_warnings, run_command
 
     quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="python -m nemo_minitron.bridge", description=__doc__,
@@ -58,32 +58,33 @@ def main(argv=None) -> int:
                         help="existing run folder (its recipe.yaml is used); under torchrun write --run-dir, since "
                              "torchrun reads --run as an abbreviation of its own --run-path")
     parser.add_argument("--dry-run", action="store_true", help="print the Bridge ConfigContainer and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("overrides", nargs="*", help="recipe or Bridge overrides, key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    recipe_overrides, bridge_overrides = split_overrides(args.overrides)
-    args.overrides = recipe_overrides
-    try:
-        recipe = resolve_recipe(args)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"python -m nemo_minitron.bridge: {err}") from None
+    args.quick = False  # resolve_recipe reads it: a `minitron study` option
+    return run_command(f"python -m nemo_minitron.bridge {args.command}", lambda: command(args), debug=args.debug)
 
-    from nemo_minitron.bridge import stages
 
-    try:
-        if args.command in ("demo", "run"):
-            if args.dry_run:
-                raise ValueError("--dry-run prints one stage's ConfigContainer: name the stage")
-            from nemo_minitron.pipeline import log
+def command(args) -> int:
+    """Run the parsed command (errors are reported by run_command)."""
+    from nemo_minitron.cli import resolve_recipe
 
-            log(stages.run_all(recipe, bridge_overrides))
-            return 0
-        if args.command == "prune":
-            for path in stages.prune(recipe):
-                print(f"[prune] Megatron-Bridge checkpoint: {path}")
-            return 0
-        run = stages.training_stage(args.command, recipe, bridge_overrides)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"python -m nemo_minitron.bridge {args.command}: {err}") from None
+    args.overrides, bridge_overrides = split_overrides(args.overrides)
+    recipe = resolve_recipe(args)
+    from nemo_minitron.bridge import stages  # after the recipe: a bad one is reported without importing Bridge
+
+    if args.command in ("demo", "run"):
+        if args.dry_run:
+            raise ValueError("--dry-run prints one stage's ConfigContainer: name the stage")
+        from nemo_minitron.pipeline import log
+
+        log(stages.run_all(recipe, bridge_overrides))
+        return 0
+    if args.command == "prune":
+        for path in stages.prune(recipe):
+            print(f"[prune] Megatron-Bridge checkpoint: {path}")
+        return 0
+    run = stages.training_stage(args.command, recipe, bridge_overrides)
     if args.dry_run:
         from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict_config
 

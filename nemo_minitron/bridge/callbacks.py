@@ -58,6 +58,7 @@ class ImportanceCallback(Callback):
         if self.validation is not None:
             add_loss_metrics(scores, unwrap(chunk), self.validation, self.depth_metrics, self.block_sizes,
                              self.micro_batch_size, self.screen_tokens, self.screen_keep)
+        scores.check_finite("the model in training")
         if is_rank0():
             scores.save(self.out_dir)
         self.scores = scores

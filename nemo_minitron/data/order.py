@@ -19,8 +19,14 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
 def global_batch(sequences, step: int, global_batch_size: int, seed: int) -> torch.Tensor:
     """Rows [global_batch_size, s + 1] (int64) of step ``step`` (0-based) of the training stream over
     ``sequences``."""
+    return stream_batch(sequences, step * global_batch_size, global_batch_size, seed)
+
+
+def stream_batch(sequences, position: int, size: int, seed: int) -> torch.Tensor:
+    """Rows [size, s + 1] (int64) at positions [position, position + size) of the training stream over
+    ``sequences`` (a run whose global batch size changed continues from the positions it consumed)."""
     n = sequences.shape[0]
-    positions = torch.arange(step * global_batch_size, (step + 1) * global_batch_size)
+    positions = torch.arange(position, position + size)
     epochs = positions // n
     rows = torch.empty_like(positions)
     for epoch in epochs.unique().tolist():

@@ -118,6 +118,11 @@ def write_splits(out_dir: str | os.PathLike, sources: list[tuple[str, float]], t
         streams.append({"source": str(source), "weight": weight, "prefix": os.path.abspath(prefix), "dtype": dtype.name,
                         "tokens": num_tokens})
     sizes = [s["tokens"] // (seq_length + 1) for s in streams]
+    for stream, size in zip(streams, sizes):
+        if size == 0:
+            raise ValueError(f"data.source {stream['source']} holds {stream['tokens']} tokens (with an EOS after "
+                             f"each document), not one sequence of data.seq_length + 1 = {seq_length + 1}: is it "
+                             f"empty, or the wrong file?")
     splits = split_indices(sizes, [s["weight"] for s in streams], seed, num_calibration, num_validation,
                            num_selection, num_train, seq_length)
     out_dir = Path(out_dir)
@@ -132,6 +137,12 @@ def load_split(path: str | os.PathLike) -> PackedSplit:
     """The split that write_splits saved as ``path`` (<split>.npy next to windows.json); its window indices and the
     token streams are memory-mapped."""
     path = Path(path)
-    meta = json.loads((path.parent / WINDOWS_FILE).read_text())
-    streams = [token_stream(s["prefix"], s["dtype"], s["tokens"]) for s in meta["sources"]]
-    return PackedSplit(streams, meta["seq_length"], np.load(path, mmap_mode="r"))
+    windows = path.parent / WINDOWS_FILE
+    try:
+        meta = json.loads(windows.read_text())
+        streams = [(s["prefix"], s["dtype"], s["tokens"]) for s in meta["sources"]]
+        seq_length, indices = meta["seq_length"], np.load(path, mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        raise ValueError(f"{windows} or {path} is missing or damaged ({type(err).__name__}: {err}): run "
+                         "`minitron prepare` again") from None
+    return PackedSplit([token_stream(*s) for s in streams], seq_length, indices)

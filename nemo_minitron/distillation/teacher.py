@@ -65,6 +65,7 @@ def write_teacher_cache(teacher: Teacher, sequences: torch.Tensor, path: str | P
     rank computes all sequences, global rank 0 writes (under a temporary name, then renamed into place).
     """
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -75,7 +76,8 @@ def write_teacher_cache(teacher: Teacher, sequences: torch.Tensor, path: str | P
     first = sorted({key: i for i, key in reversed(list(enumerate(keys)))}.values())  # equal rows: equal targets
     tokens, keys = tokens[first], [keys[i] for i in first]
     log_probs, indices = [], []
-    for start in range(0, tokens.shape[0], micro_batch_size):
+    starts = range(0, tokens.shape[0], micro_batch_size)
+    for start in tqdm(starts, desc=f"teacher top-{top_k} cache", unit="batch", disable=not is_rank0()):
         values, index = teacher.top_k_log_probs(tokens[start:start + micro_batch_size].to(device()), top_k)
         log_probs.append(values.cpu())
         indices.append(index.cpu())

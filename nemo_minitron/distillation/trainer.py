@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.data.order import global_batch
+from nemo_minitron.data.order import stream_batch
 from nemo_minitron.distillation.forward_step import REPORTED_LOSSES, ForwardStep
 from nemo_minitron.evaluation.loss import micro_batches, token_weighted_means, validation_loss
 from nemo_minitron.runtime import lock
@@ -56,12 +56,13 @@ class TrainConfig:
     save_interval: int = 0  # 0 = save at the end only
     seed: int = 1234
     use_distributed_optimizer: bool = False  # shard float32 master weights and Adam states over data-parallel ranks
+    skip_nonfinite_steps: int = 0  # steps with a non-finite loss skipped (no update) before one stops the run
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_interval", "save_interval"):
+        for name in ("warmup_steps", "eval_interval", "save_interval", "skip_nonfinite_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.warmup_steps and self.warmup_steps >= self.steps:
@@ -92,13 +93,13 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
 
-def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, history: list[dict],
-          inputs: dict) -> None:
+def _save(checkpoint_dir: Path, step: int, consumed: int, global_batch_size: int, model, arch, optimizer, scheduler,
+          history: list[dict], inputs: dict) -> None:
     """checkpoint_dir/iter_{step:07d}/: model weights (save_checkpoint: dist_checkpointing + arch.json + manifest,
     loadable by load_checkpoint), optimizer/ (dist_checkpointing of optimizer.sharded_state_dict, + manifest),
-    trainer_state.json (step, scheduler, history, inputs). Written as iter_{step:07d}.partial and renamed into place
-    once complete; then checkpoint_dir/latest is replaced (os.replace) to name it, so a kill at any moment leaves latest
-    naming a complete checkpoint."""
+    trainer_state.json (step, consumed_samples, global_batch_size, scheduler, history, inputs). Written as
+    iter_{step:07d}.partial and renamed into place once complete; then checkpoint_dir/latest is replaced (os.replace)
+    to name it, so a kill at any moment leaves latest naming a complete checkpoint."""
     from megatron.core import dist_checkpointing
 
     from nemo_minitron.models.checkpoint import save_checkpoint, tied_checkpoint_writers, write_manifest
@@ -118,7 +119,8 @@ def _save(checkpoint_dir: Path, step: int, model, arch, optimizer, scheduler, hi
     dist.barrier()
     if is_rank0():
         write_manifest(partial / "optimizer")
-        state = {"step": step, "scheduler": scheduler.state_dict(), "history": history, "inputs": inputs}
+        state = {"step": step, "consumed_samples": consumed, "global_batch_size": global_batch_size,
+                 "scheduler": scheduler.state_dict(), "history": history, "inputs": inputs}
         (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         old = iter_dir.with_name(iter_dir.name + ".old")
         if iter_dir.exists():  # the same step saved again: the old copy stays until latest names the new one
@@ -174,10 +176,11 @@ def _check_inputs(checkpoint_dir: Path, saved: dict | None, inputs: dict) -> Non
                          f"model: delete {checkpoint_dir} to start this stage afresh")
 
 
-def _load(checkpoint_dir: Path, model, optimizer, scheduler, cfg: TrainConfig, inputs: dict) -> tuple[int, list]:
+def _load(checkpoint_dir: Path, model, optimizer, scheduler, cfg: TrainConfig,
+          inputs: dict) -> tuple[int, int, list]:
     """Load the checkpoint named by checkpoint_dir/latest into model, optimizer and scheduler in place (refused if
-    it was trained from other ``inputs``; the schedule of ``cfg`` applies, each change logged); returns
-    (step, history)."""
+    it was trained from other ``inputs``; the schedule and global batch size of ``cfg`` apply, each change logged);
+    returns (step, consumed_samples, history)."""
     from megatron.core import dist_checkpointing
 
     from megatron.core.optimizer import DistributedOptimizer
@@ -189,6 +192,11 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler, cfg: TrainConfig, i
         if state["scheduler"].get(key) != getattr(cfg, name) and is_rank0():
             print(f"[resume] {name}: {state['scheduler'].get(key)} in {iter_dir.name} -> {getattr(cfg, name)} "
                   f"(the setting of this run applies)", flush=True)
+    consumed = state.get("consumed_samples", state["step"] * cfg.global_batch_size)  # saved before phase changes
+    if state.get("global_batch_size", cfg.global_batch_size) != cfg.global_batch_size and is_rank0():
+        print(f"[resume] global_batch_size: {state['global_batch_size']} in {iter_dir.name} -> "
+              f"{cfg.global_batch_size} (a new phase: step {state['step'] + 1} on reads the training stream from "
+              f"its sequence {consumed}, where the last phase stopped)", flush=True)
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for part in parts:
         if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
@@ -210,7 +218,11 @@ def _load(checkpoint_dir: Path, model, optimizer, scheduler, cfg: TrainConfig, i
                     # format does not restore (it loads one shared, wrong count): it is the number of applied
                     # updates, which the scheduler counts.
                     adam_state["step"] = torch.tensor(float(scheduler.num_steps))
-    return state["step"], state["history"]
+    return state["step"], consumed, state["history"]
+
+
+def _nonfinite(values: dict) -> bool:
+    return any(value is not None and not math.isfinite(value) for value in values.values())
 
 
 def _stop_if_nonfinite(values: dict, step: int, lr: float, checkpoint_dir: Path | None) -> None:
@@ -241,7 +253,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
         while it trains, saved in its resume checkpoints, and removed at the end, so the caller saves a plain
         student.
     train_sequences: packed token sequences [n, s + 1], the same on every rank; step k takes sequences
-        [k * G, (k + 1) * G) of seeded epoch shuffles (``global_batch``), data-parallel rank r its r-th slice.
+        [k * G, (k + 1) * G) of seeded epoch shuffles (``global_batch``), data-parallel rank r its r-th slice; a run
+        resumed with another global batch size G' (a new phase) reads the next G' positions after those consumed.
     validation: sequences [m, s + 1] (the same on every rank): validation loss every cfg.eval_interval steps and
         at the end.
     checkpoint_dir: save every cfg.save_interval steps and at the end (needs ``arch``, the student's ModelArch);
@@ -252,7 +265,9 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
     (unweighted components; inter_loss is the mean over the pairs), grad_norm, seconds, val_loss at evaluation
     steps, and skipped=True on a step whose update fp16 loss scaling skipped (inf / NaN gradients).
     A non-finite loss (checked before the update) or gradient norm stops the run with FloatingPointError before
-    anything of that step is saved, so checkpoint_dir/latest keeps the last good checkpoint.
+    anything of that step is saved, so checkpoint_dir/latest keeps the last good checkpoint; with
+    cfg.skip_nonfinite_steps = N the first N steps of non-finite loss are skipped instead (no update; logged, and
+    kept in the history with nonfinite_skipped=True).
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -312,9 +327,10 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
         config.grad_scale_func = optimizer.scale_loss
         config.no_sync_func = ddp_model.no_sync
 
-        step, history = 0, []
+        step, consumed, history = 0, 0, []
         if checkpoint_dir is not None and resume and (checkpoint_dir / LATEST).is_file():
-            step, history = _load(checkpoint_dir, model, optimizer, scheduler, cfg, inputs or {})
+            step, consumed, history = _load(checkpoint_dir, model, optimizer, scheduler, cfg, inputs or {})
+        skipped = sum(bool(entry.get("nonfinite_skipped")) for entry in history)
         local_validation = None
         if validation is not None:
             per_rank = validation.shape[0] // dp_size
@@ -329,7 +345,8 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
         while step < cfg.steps:
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            batch = global_batch(train_sequences, step, cfg.global_batch_size, cfg.seed)
+            batch = stream_batch(train_sequences, consumed, cfg.global_batch_size, cfg.seed)
+            consumed += cfg.global_batch_size
             local = batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
             ddp_model.zero_grad_buffer()
             optimizer.zero_grad()
@@ -340,28 +357,41 @@ def train(model, train_sequences: torch.Tensor, cfg: TrainConfig, forward_step: 
                     micro_batch_size=cfg.micro_batch_size, forward_only=False,
                     adjust_tensor_shapes_fn=adjust_tensor_shapes)
             losses = token_weighted_means(outputs, REPORTED_LOSSES)
-            _stop_if_nonfinite(losses, step + 1, lr, checkpoint_dir)  # before the update: the weights stay good
-            update_successful, grad_norm, _ = optimizer.step()
-            if update_successful:  # fp16 loss scaling skips steps with inf / NaN gradients
+            skip = _nonfinite(losses) and skipped < cfg.skip_nonfinite_steps
+            if skip:  # no update; the schedule moves on, and the step's batch is not retried
+                skipped += 1
+                update_successful, grad_norm = False, None
                 scheduler.step(increment=1)
-                _stop_if_nonfinite({"grad_norm": grad_norm}, step + 1, lr, checkpoint_dir)
+                if is_rank0():
+                    (bar.write if bar is not None else print)(
+                        f"[train] step {step + 1}: non-finite loss {losses} (lr {lr:.3g}): skipped without an "
+                        f"update ({skipped} of skip_nonfinite_steps={cfg.skip_nonfinite_steps})")
+            else:
+                _stop_if_nonfinite(losses, step + 1, lr, checkpoint_dir)  # before the update: the weights stay good
+                update_successful, grad_norm, _ = optimizer.step()
+                if update_successful:  # fp16 loss scaling skips steps with inf / NaN gradients
+                    scheduler.step(increment=1)
+                    _stop_if_nonfinite({"grad_norm": grad_norm}, step + 1, lr, checkpoint_dir)
             step += 1
             loss = losses["lm_loss"] if teacher is None else losses.pop("objective")
             entry = {"step": step, "lr": lr, "loss": loss, **losses, "grad_norm": grad_norm,
                      "seconds": time.perf_counter() - start}
-            if not update_successful:
+            if skip:
+                entry["nonfinite_skipped"] = True
+            elif not update_successful:
                 entry["skipped"] = True
             last = step == cfg.steps
             if local_validation is not None and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 entry["val_loss"] = validation_loss(model, local_validation, cfg.micro_batch_size)
-            if last or step % cfg.log_interval == 0 or "val_loss" in entry:
+            if last or step % cfg.log_interval == 0 or "val_loss" in entry or skip:  # skips are always kept
                 history.append(entry)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if bar is not None:
                 bar.update(1)
             if checkpoint_dir is not None and (last or (cfg.save_interval and step % cfg.save_interval == 0)):
-                _save(checkpoint_dir, step, model, arch, optimizer, scheduler, history, inputs or {})
+                _save(checkpoint_dir, step, consumed, cfg.global_batch_size, model, arch, optimizer, scheduler,
+                      history, inputs or {})
     finally:
         if bar is not None:
             bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +31,35 @@ class ImportanceScores:
     blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every score by its name in scores.safetensors (float32, on the CPU)."""
         tensors = {"hidden": self.hidden, "ffn": self.ffn, "heads": self.heads, "groups": self.groups}
         tensors.update({f"layers.{k}": v for k, v in self.layers.items()})
         tensors.update({f"blocks.{k}": v for k, v in self.blocks.items()})
-        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(directory / "scores.safetensors"))
+        return {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+
+    def check_finite(self, source: str) -> None:
+        """FloatingPointError naming every score that holds NaN or inf (scores of ``source``)."""
+        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in self.tensors().items() if not torch.isfinite(v).all()}
+        if bad:
+            listed = ", ".join(f"{k}: {n} values" for k, n in bad.items())
+            raise FloatingPointError(f"the importance scores of {source} are non-finite ({listed}): its weights or "
+                                     "activations hold NaN / inf; check that model (e.g. re-run correct-teacher "
+                                     "with a lower lr). Nothing was saved")
+
+    def digest(self) -> str:
+        """A hex digest of the scores' values (what a pruning plan was made from)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(self.tensors().items()):
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = self.tensors()
+        save_file(tensors, str(directory / "scores.safetensors"))
         summary = {
             "meta": self.meta,
             "layers": {k: v.tolist() for k, v in self.layers.items()},
@@ -65,15 +88,22 @@ class ImportanceScores:
 
     @classmethod
     def load(cls, directory: str | Path) -> "ImportanceScores":
+        """The scores that ``save`` wrote to ``directory``; ValueError naming the file when one does not load."""
+        from safetensors import SafetensorError
+
         directory = Path(directory)
         path = directory / "scores.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"no importance scores at {path}: run `minitron score` first")
-        tensors = load_file(str(path))
-        meta = json.loads((directory / "scores.json").read_text()).get("meta", {})
-        return cls(
-            hidden=tensors["hidden"], ffn=tensors["ffn"], heads=tensors["heads"], groups=tensors["groups"],
-            layers={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")},
-            blocks={int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("blocks.")},
-            meta=meta,
-        )
+        try:
+            tensors = load_file(str(path))
+            meta = json.loads((directory / "scores.json").read_text()).get("meta", {})
+            return cls(
+                hidden=tensors["hidden"], ffn=tensors["ffn"], heads=tensors["heads"], groups=tensors["groups"],
+                layers={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")},
+                blocks={int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("blocks.")},
+                meta=meta,
+            )
+        except (SafetensorError, OSError, ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"the importance scores in {directory} do not load ({type(err).__name__}: {err}): "
+                             f"re-run `minitron score`") from None

@@ -85,7 +85,12 @@ class ModelArch:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelArch":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The ModelArch saved as ``path``; ValueError naming the file if it is not one."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or missing fields
+            raise ValueError(f"{path} is not a model architecture saved by nemo-minitron ({err}): it is damaged; "
+                             "re-run the stage that wrote this checkpoint") from None
 
 
 def transformer_engine_available() -> bool:

@@ -12,6 +12,7 @@ import pickle
 import queue
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from nemo_minitron.runtime.distributed import is_rank0
 
 ARCH_FILE = "arch.json"
 MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = ("common.pt", ".metadata")  # of every dist checkpoint, beside metadata.json and arch.json
 
 
 def _file_digest(path: Path) -> str:
@@ -151,15 +153,34 @@ def verify_manifest(directory: str | Path) -> None:
                              f"{entry['size']} when it was saved (see {path})")
 
 
+def check_finite(model, directory: Path) -> None:
+    """FloatingPointError naming the first weight (of any rank's shard) that holds NaN or inf, before anything is
+    written to ``directory``. Collective."""
+    local = next(((name, int((~torch.isfinite(p)).sum()), p.numel()) for name, p in model.named_parameters()
+                  if not torch.isfinite(p).all()), None)
+    found = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, local)
+    bad = next((f for f in found if f is not None), None)
+    if bad is not None:
+        name, count, numel = bad
+        raise FloatingPointError(f"not saving {directory}: weight {name} holds {count} non-finite values (of "
+                                 f"{numel}); the model diverged or was loaded with NaN / inf. Nothing was written "
+                                 "(an earlier checkpoint stays as it was)")
+
+
 def save_checkpoint(model, arch: ModelArch, directory: str | Path) -> Path:
     """Save ``model.sharded_state_dict()`` with dist_checkpointing and ``arch`` as arch.json into ``directory``,
-    then a manifest.json of every file's size and hash (``fingerprint``).
+    then a manifest.json of every file's size and hash (``fingerprint``); refused (check_finite) when a weight is
+    not finite.
 
     Collective: every rank of the model calls it (each writes its own shards; rank 0 the common files).
     """
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
+    check_finite(model, directory)
     if is_rank0():
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -182,8 +203,11 @@ def load_arch(directory: str | Path) -> ModelArch:
 
 def load_checkpoint(directory: str | Path, **build_kwargs):
     """(model, arch): build the model from ``directory``/arch.json under the current parallel state (TP / PP may
-    differ from the saving run) and load its weights. ``build_kwargs`` go to build_gpt_model."""
+    differ from the saving run) and load its weights. ``build_kwargs`` go to build_gpt_model. ValueError naming the
+    folder when it is incomplete, damaged or untrusted (verify_manifest, check_metadata)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     directory = Path(directory)
     arch = load_arch(directory)
@@ -191,8 +215,18 @@ def load_checkpoint(directory: str | Path, **build_kwargs):
         raise FileNotFoundError(f"{directory} is not a nemo-minitron checkpoint: it needs {ARCH_FILE} and a "
                                 "Megatron-Core dist checkpoint (metadata.json), as written by save_checkpoint")
     verify_manifest(directory)
+    for name in REQUIRED_FILES:  # also where no manifest.json lists the files
+        file = directory / name
+        if not file.is_file() or file.stat().st_size == 0:
+            raise ValueError(f"checkpoint {directory} is incomplete: {name} is missing or empty; re-run the stage "
+                             "that wrote it")
     check_metadata(directory)
     model = build_gpt_model(arch, **build_kwargs)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    except (EOFError, CheckpointException, CheckpointingException) as err:  # a truncated or overwritten file
+        cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) else err
+        raise ValueError(f"checkpoint {directory} is damaged ({traceback.format_exception_only(cause)[-1].strip()}); "
+                         "re-run the stage that wrote it") from None
     model.load_state_dict(state)
     return model, arch

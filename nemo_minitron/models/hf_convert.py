@@ -189,26 +189,44 @@ def _to_hf(kind: str, full: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
+def _safe_open(file: Path):
+    """safetensors' safe_open(file); ValueError naming the file when it is not a whole safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a complete safetensors file ({err}): is it truncated? copy or download "
+                         "it again") from None
+
+
 class LazyStateDict(Mapping):
     """Read-only mapping HF name -> tensor of a directory's safetensors weights (one file, or the shards listed in
     model.safetensors.index.json). Holds only names and file paths; every access reads from disk, and ``read``
     reads just a range of rows or columns."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: directory / file for name, file in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._files = {name: directory / file for name, file in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{index} is not a safetensors index ({type(err).__name__}: {err})") from None
+            for file in sorted(set(self._files.values())):
+                if not file.is_file():
+                    raise FileNotFoundError(f"{index} lists {file.name}, which is missing from {directory}")
+                with _safe_open(file):  # checks its header against its size: a truncated shard fails now
+                    pass
         else:
             self._files = {}
             for file in sorted(directory.glob("*.safetensors")):
-                with safe_open(file, framework="pt") as f:
+                with _safe_open(file) as f:
                     self._files.update(dict.fromkeys(f.keys(), file))
         if not self._files:
-            raise FileNotFoundError(f"{directory} has no *.safetensors weights")
+            raise FileNotFoundError(f"{directory} has no weights: no *.safetensors files (PyTorch .bin weights: "
+                                    "convert them to safetensors)")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.read(name)
@@ -224,16 +242,12 @@ class LazyStateDict(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor ``name`` (read from the file's header)."""
-        from safetensors import safe_open
-
-        with safe_open(self._files[name], framework="pt") as f:
+        with _safe_open(self._files[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Tensor ``name``, or only its indices [start, stop) along ``dim`` (only those are read from disk)."""
-        from safetensors import safe_open
-
-        with safe_open(self._files[name], framework="pt") as f:
+        with _safe_open(self._files[name]) as f:
             if dim is None:
                 return f.get_tensor(name)
             return f.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
@@ -384,15 +398,51 @@ def load_hf_checkpoint(path_or_dir: str | Path, arch_override: dict | None = Non
     ``path_or_dir`` may also be a file inside that directory. ``arch_override``: ModelArch fields to replace
     (e.g. {"max_position_embeddings": 512}).
     """
-    from transformers import AutoConfig
-
     directory = Path(path_or_dir)
     if directory.is_file():
         directory = directory.parent
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} has no config.json (expected a Hugging Face model directory)")
+    arch = hf_config_arch(directory)
     state = LazyStateDict(directory)
-    arch = arch_from_hf_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     if arch_override:
         arch = arch.replace(**arch_override)
     return arch, state
+
+
+def hf_config_arch(directory: str | Path) -> ModelArch:
+    """ModelArch of a local Hugging Face model folder from its config.json alone; FileNotFoundError / ValueError
+    naming the file when it is missing, not JSON, or not a model Megatron-Core computes alike."""
+    from transformers import AutoConfig
+
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json (expected a Hugging Face model folder)")
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; nemo-minitron converts "
+                         f"{', '.join(MODEL_TYPES)}")
+    try:
+        return arch_from_hf_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+    except (ValueError, TypeError, AttributeError) as err:  # missing or ill-typed settings
+        raise ValueError(f"{path}: {err}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_hf_tokenizer(directory: str | Path):
+    """AutoTokenizer of a local Hugging Face model folder; FileNotFoundError / ValueError naming the folder when it
+    has no tokenizer files or they do not load."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the "
+                                "model's tokenizer files into it")
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"the tokenizer of {directory} does not load: {err}") from None

@@ -51,6 +51,30 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def on_rank0(fn):
+    """``fn()`` run on global rank 0 alone; every rank returns its result. An error it raises is raised on every
+    rank (rank 0's own; elsewhere its message, as ValueError if rank 0's is an expected error, else RuntimeError),
+    so that no rank waits for a rank that failed."""
+    from nemo_minitron.runtime.console import EXPECTED_ERRORS, error_message
+
+    result, error = None, None
+    if is_rank0():
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [result, None if error is None else (isinstance(error, EXPECTED_ERRORS), error_message(error))]
+        dist.broadcast_object_list(box, src=0)
+        result, failed = box
+        if failed is not None and error is None:
+            expected, message = failed
+            raise (ValueError if expected else RuntimeError)(message if expected else f"on rank 0: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,22 +89,28 @@ def all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def init_process_group() -> None:
+    """Create the default process group unless it exists: NCCL on GPU, gloo on CPU."""
+    if dist.is_initialized():
+        return
+    on_gpu = torch.cuda.is_available()
+    backend = "nccl" if on_gpu else "gloo"
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" in os.environ:  # launched by torchrun / srun wrappers: env:// rendezvous
+        dist.init_process_group(backend)
+    else:  # a lone process: a private rendezvous, leaving the environment (and child processes) untouched
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
 def init_distributed(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
     """Create the default process group (if needed), Megatron-Core's parallel groups and its RNG states."""
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:  # before importing Megatron-Core: its import-time torch.compile must see TORCHDYNAMO_DISABLE
-        apply_cpu_shims()
+    if not torch.cuda.is_available():
+        apply_cpu_shims()  # before importing Megatron-Core: its import-time torch.compile must see TORCHDYNAMO_DISABLE
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if not dist.is_initialized():
-        backend = "nccl" if on_gpu else "gloo"
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if "RANK" in os.environ:  # launched by torchrun / srun wrappers: env:// rendezvous
-            dist.init_process_group(backend)
-        else:  # a lone process: a private rendezvous, leaving the environment (and child processes) untouched
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    init_process_group()
     parallel.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
