@@ -17,7 +17,9 @@ calibration and selection splits):
 KD = forward KL to the corrected teacher (its cached top-K log-probs when distill.cached_teacher_top_k is set).
 Every finished arm is kept in <run>/study/arms/<arm>.json, so an interrupted study resumes at the next arm (and a
 half-trained arm from its last checkpoint). Writes <run>/study/quality.json and plots; tokens-to-match = tokens
-the scratch_lm arm needs to reach the minitron_width arm's final loss / tokens minitron_width used.
+the scratch_lm arm needs to reach the minitron_width arm's final loss / tokens minitron_width used. With
+search.params set, the study ends with `minitron search` on its teacher and scores and reports whether the short KD
+changed the candidates' ranking.
 """
 
 from __future__ import annotations
@@ -225,9 +227,30 @@ class Study:
             path.write_text(json.dumps(records[arm], indent=1) + "\n")
             log(f"[study] {arm}: final val loss {records[arm]['final_val_loss']:.4f} "
                 f"({records[arm]['seconds']:.0f} s)")
-        return self.summarise(records)
+        return self.summarise(records, self.search())
 
-    def summarise(self, records: dict) -> dict:
+    def search(self) -> dict | None:
+        """With search.params set: `minitron search` on the study's teacher and scores (kept when done before);
+        every candidate's pruned loss and the top_k's loss after search.steps of KD, and whether KD changed the
+        ranking (candidate losses are on the selection split, as the search selects on it)."""
+        from nemo_minitron.search import run_search
+
+        if self.recipe.search.params is None:
+            return None
+        out = self.run.root / "search"
+        if (out / "choice.json").exists():
+            log("[study] architecture search: done before, kept")
+            choice = json.loads((out / "choice.json").read_text())
+        else:
+            log(f"\n[study] architecture search within {self.recipe.search.params / 1e6:.1f}M parameters")
+            choice = run_search(self.recipe)
+        table = json.loads((out / "candidates.json").read_text())
+        return {"params_budget": self.recipe.search.params, "candidates": len(table),
+                "top_k": sorted((r for r in table if "distilled_loss" in r), key=lambda r: r["pruned_rank"]),
+                "steps": self.recipe.search.steps, "chosen": choice["chosen"]["name"],
+                "ranking_changed": choice["ranking_changed"]}
+
+    def summarise(self, records: dict, search: dict | None = None) -> dict:
         from nemo_minitron.evaluation.loss import validation_loss
 
         teacher = {}
@@ -244,6 +267,8 @@ class Study:
                    "teachers": teacher, "arms": records}
         if "minitron_width" in records and "scratch_lm" in records:
             quality["tokens_to_match"] = tokens_to_match(records["scratch_lm"], records["minitron_width"])
+        if search is not None:
+            quality["search"] = search
         (self.out / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
         plot_study(quality, self.out)
         (self.out / "quality.md").write_text(quality_table(quality) + "\n")
@@ -284,6 +309,20 @@ def quality_table(quality: dict) -> str:
                 f"more than {match['ratio_at_least']:.1f}x (scratch_lm never reached "
                 f"{match['minitron_final_val_loss']:.3f} within its budget: {match['scratch_final_val_loss']:.3f})")
         rows.append(f"\nTokens to match (scratch_lm tokens to reach minitron_width's final loss / its tokens): {line}")
+    search = quality.get("search")
+    if search:
+        rows += [f"\nArchitecture search within {search['params_budget'] / 1e6:.1f}M parameters: "
+                 f"{search['candidates']} candidates ranked by pruned selection loss; the best "
+                 f"{len(search['top_k'])} after {search['steps']} KD steps (the ranking "
+                 f"{'changed' if search['ranking_changed'] else 'did not change'}; chosen: {search['chosen']})\n",
+                 "| candidate | hidden / ffn / heads / layers | params (M) | pruned loss (rank) | "
+                 "after KD (rank) |", "|---|---|---:|---:|---:|"]
+        for r in search["top_k"]:
+            t = r["target"]
+            rows.append(f"| {r['name']} | {t['hidden_size']} / {t['ffn_hidden_size']} / "
+                        f"{t['num_attention_heads']} / {t['num_layers']} | {r['params'] / 1e6:.1f} | "
+                        f"{r['pruned_loss']:.3f} ({r['pruned_rank']}) | {r['distilled_loss']:.3f} "
+                        f"({r['distilled_rank']}) |")
     return "\n".join(rows)
 
 

@@ -21,7 +21,8 @@ def tiny_study_overrides(inputs, run_dir):
             "prune.depth.num_layers=2", "prune.width70.hidden_size=56", "prune.width70.ffn_hidden_size=80",
             "correct.steps=2", "correct.warmup_steps=0", "correct.lr=1e-3", f"distill.steps={STEPS}",
             "distill.eval_interval=3", "distill.warmup_steps=1", "distill.lr=3e-3", "distill.min_lr=3e-4",
-            "study.sdg_prompt_tokens=4", "study.sdg_batch_size=8"]
+            "study.sdg_prompt_tokens=4", "study.sdg_batch_size=8", "search.params=60000", "search.multiple_of=8",
+            "search.top_k=2", "search.steps=2"]
 
 
 def test_tiny_study_runs_every_arm_on_one_budget_and_resumes(tiny_hf_run_inputs, tmp_path, monkeypatch):
@@ -59,6 +60,14 @@ def test_tiny_study_runs_every_arm_on_one_budget_and_resumes(tiny_hf_run_inputs,
     assert quality["tokens_to_match"] == tokens_to_match(arms["scratch_lm"], arms["minitron_width"])
     assert "| minitron_width |" in out and (run_dir / "study" / "loss_vs_tokens.png").exists()
     assert (run_dir / "study" / "params_vs_loss.png").exists()
+    # the study ends with the architecture search: its top_k before and after the short KD
+    search, table = quality["search"], json.loads((run_dir / "search" / "candidates.json").read_text())
+    choice = json.loads((run_dir / "search" / "choice.json").read_text())
+    top = [r["name"] for r in sorted(table, key=lambda r: r["pruned_rank"])[:2]]
+    assert search["candidates"] == len(table) > 2 and [r["name"] for r in search["top_k"]] == top
+    after = [r["name"] for r in sorted(search["top_k"], key=lambda r: r["distilled_loss"])]
+    assert search["ranking_changed"] == (after != top) == choice["ranking_changed"]
+    assert search["chosen"] == after[0] == choice["chosen"]["name"] and "Architecture search within" in out
 
     # Resume: finished arms are kept; a removed arm is trained again, to the same numbers.
     kept = (run_dir / "study" / "arms" / "scratch_lm.json").stat().st_mtime_ns
