@@ -280,19 +280,32 @@ def _evals(history: list[dict]) -> list[tuple[int, float]]:
     return [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
 
 
-def tokens_to_match(scratch: dict, minitron: dict) -> dict:
-    """Tokens the scratch curve needs to reach minitron's final loss (linear interpolation between its evaluations)
-    / minitron's tokens. When the scratch arm never gets there within its budget the ratio is only a lower bound:
-    its budget / minitron's tokens."""
-    target, used = minitron["final_val_loss"], minitron["tokens"][-1]
-    points = list(zip(scratch["tokens"], scratch["val_loss"]))
+def tokens_to_reach(arm: dict, target: float) -> float | None:
+    """Tokens at which ``arm``'s validation curve first reaches ``target`` (linear interpolation between its
+    evaluations); None when it never does."""
+    points = list(zip(arm["tokens"], arm["val_loss"]))
+    if points[0][1] <= target:
+        return points[0][0]
     for (t0, l0), (t1, l1) in zip(points, points[1:]):
         if l1 <= target:
-            tokens = t0 + (t1 - t0) * (l0 - target) / (l0 - l1) if l0 > target else t0
-            return {"reached": True, "scratch_tokens": tokens, "minitron_tokens": used, "ratio": tokens / used}
-    return {"reached": False, "scratch_tokens_at_least": scratch["tokens"][-1], "minitron_tokens": used,
-            "ratio_at_least": scratch["tokens"][-1] / used, "scratch_final_val_loss": scratch["final_val_loss"],
-            "minitron_final_val_loss": target}
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def tokens_to_match(scratch: dict, minitron: dict) -> dict:
+    """Tokens the scratch curve needs to reach minitron's final loss / minitron's tokens. When the scratch arm never
+    gets there within its budget the ratio is only a lower bound (its budget / minitron's tokens), and the converse
+    is measured: scratch's tokens / the tokens minitron needed to reach scratch's final loss."""
+    target, used = minitron["final_val_loss"], minitron["tokens"][-1]
+    tokens = tokens_to_reach(scratch, target)
+    if tokens is not None:
+        return {"reached": True, "scratch_tokens": tokens, "minitron_tokens": used, "ratio": tokens / used}
+    budget = scratch["tokens"][-1]
+    converse = tokens_to_reach(minitron, scratch["final_val_loss"])
+    return {"reached": False, "scratch_tokens_at_least": budget, "minitron_tokens": used,
+            "ratio_at_least": budget / used, "scratch_final_val_loss": scratch["final_val_loss"],
+            "minitron_final_val_loss": target, "minitron_tokens_to_scratch_final": converse,
+            "converse_ratio": None if converse is None else budget / max(converse, 1)}
 
 
 def quality_table(quality: dict) -> str:
@@ -308,6 +321,10 @@ def quality_table(quality: dict) -> str:
         line = (f"{match['ratio']:.1f}x" if match["reached"] else
                 f"more than {match['ratio_at_least']:.1f}x (scratch_lm never reached "
                 f"{match['minitron_final_val_loss']:.3f} within its budget: {match['scratch_final_val_loss']:.3f})")
+        if not match["reached"] and match["converse_ratio"] is not None:
+            line += (f"; minitron_width reached scratch_lm's final loss after "
+                     f"{match['minitron_tokens_to_scratch_final']:,.0f} tokens, {match['converse_ratio']:.1f}x fewer "
+                     f"than scratch_lm's {match['scratch_tokens_at_least']:,}")
         rows.append(f"\nTokens to match (scratch_lm tokens to reach minitron_width's final loss / its tokens): {line}")
     search = quality.get("search")
     if search:

@@ -84,8 +84,10 @@ def test_tokens_to_match_interpolates_or_gives_a_lower_bound():
     assert tokens_to_match(scratch, minitron) == {"reached": True, "scratch_tokens": 300.0, "minitron_tokens": 100,
                                                   "ratio": 3.0}
     slow = {"tokens": [0, 100, 200], "val_loss": [6.0, 4.0, 3.5], "final_val_loss": 3.5}
-    match = tokens_to_match(slow, minitron)
+    match = tokens_to_match(slow, {**minitron, "val_loss": [5.0, 3.0]})
     assert not match["reached"] and match["ratio_at_least"] == 2.0
+    # the converse: minitron's curve (5.0 -> 3.0 over 100 tokens) reaches slow's final 3.5 at 75 tokens
+    assert match["minitron_tokens_to_scratch_final"] == 75.0 and match["converse_ratio"] == 200 / 75
 
 
 @pytest.mark.parametrize("override, words", [
