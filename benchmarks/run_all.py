@@ -6,7 +6,7 @@ from pathlib import Path
 
 BENCHMARKS = [["bench_importance"], ["bench_importance", "--tp", "2"], ["bench_kd_step"], ["bench_kd_loss_memory"],
               ["bench_pruned_speed"], ["bench_inference_speed"], ["bench_bridge_kd_step"], ["bench_data_rss"],
-              ["bench_depth_search"], ["bench_teacher_cache"], ["bench_reliability"]]
+              ["bench_depth_search"], ["bench_teacher_cache"], ["bench_reliability"], ["bench_demo"]]
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent
