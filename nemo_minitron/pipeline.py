@@ -338,8 +338,8 @@ def prune(recipe: RecipeConfig) -> None:
         raise ValueError("prune: the recipe has no targets; add e.g. prune.width.hidden_size=...")
     with timed(run, "prune"):
         _check_model(recipe, load_arch(run.require(run.active_teacher(), "prepare")))
-        scores = ImportanceScores.load(run.scores)
-        if scores.meta.get("model", fingerprint(run.active_teacher())) != fingerprint(run.active_teacher()):
+        scores, teacher = ImportanceScores.load(run.scores), fingerprint(run.active_teacher())
+        if scores.meta.get("model", teacher) != teacher:
             raise ValueError(f"the scores in {run.scores} were computed from another model than the teacher "
                              f"{run.active_teacher()} (it changed after scoring, e.g. correct-teacher ran again): "
                              "run `minitron score` again")
