@@ -10,18 +10,22 @@
    the selection split; the best is the choice. Nothing here reads the validation split, which eval reports.
 Writes search/candidates.json (every candidate: sizes, params, pruned loss and rank, and for the top-k the loss
 and rank after distillation) and search/choice.json (the chosen target and its plan); the chosen student is
-distilled/search_<i>/.
+distilled/search_<i>/. search/settings.json records what the search ran from (the search and distillation settings,
+the teacher's fingerprint, the scores' digest, the tensor-parallel size): a search re-run from other settings
+replaces the earlier one's outputs instead of resuming its students.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import replace
+import shutil
+from dataclasses import asdict, replace
 
 from nemo_minitron import pipeline
 from nemo_minitron.config import RecipeConfig
 from nemo_minitron.pipeline import RunDir, log
+from nemo_minitron.runtime.distributed import is_rank0
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -56,6 +60,62 @@ def candidates(arch, search, tp_size: int = 1) -> list:
     return sorted(found, key=lambda t: -t.new_arch(arch).num_parameters())
 
 
+def settings(recipe: RecipeConfig) -> dict:
+    """What a search of ``recipe`` runs from (the content of search/settings.json)."""
+    from megatron.core import parallel_state
+
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.models.checkpoint import fingerprint
+
+    run = RunDir(recipe.run_dir)
+    teacher = run.require(run.active_teacher(), "prepare")
+    scores = ImportanceScores.load(run.require(run.scores, "score"))
+    payload = {"search": asdict(recipe.search), "distill": asdict(_distill_settings(recipe)),
+               "teacher": fingerprint(teacher), "scores": scores.digest(),
+               "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size()}
+    return json.loads(json.dumps(payload))  # as read back from the file
+
+
+def finished(recipe: RecipeConfig) -> dict | None:
+    """search/choice.json when a search ran to the end from ``recipe``'s settings, else None."""
+    out = RunDir(recipe.run_dir).root / "search"
+    if not (out / "choice.json").exists() or not (out / "settings.json").exists():
+        return None
+    if json.loads((out / "settings.json").read_text()) != settings(recipe):
+        return None
+    return json.loads((out / "choice.json").read_text())
+
+
+def _distill_settings(recipe: RecipeConfig):
+    """The distillation settings of each top-k candidate: distill, for search.steps, without evaluation or saves."""
+    steps = recipe.search.steps
+    return replace(recipe.distill, steps=steps, eval_interval=0, save_interval=0,
+                   warmup_steps=min(recipe.distill.warmup_steps, steps - 1))
+
+
+def _replace_stale(run: RunDir, current: dict) -> None:
+    """Remove an earlier search's outputs (search/, pruned/search_*, distilled/search_*) when it ran from other
+    settings than ``current``; then record ``current`` in search/settings.json."""
+    import torch.distributed as dist
+
+    out = run.root / "search"
+    path = out / "settings.json"
+    previous = json.loads(path.read_text()) if path.exists() else None
+    stale = [out, *(run.root / "pruned").glob("search_*"), *(run.root / "distilled").glob("search_*")]
+    if previous != current and any(p.exists() for p in stale):
+        if previous is None:
+            why = "does not record its settings"
+        else:
+            why = "ran from other " + ", ".join(k for k in current if previous.get(k) != current[k])
+        log(f"[search] the search in {out} {why}: its candidates and students are replaced")
+        if is_rank0():
+            for p in stale:
+                shutil.rmtree(p, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    pipeline._write_json(path, current)
+
+
 def run_search(recipe: RecipeConfig) -> dict:
     """The search of the module docstring; returns the content of search/choice.json."""
     from megatron.core import parallel_state
@@ -72,6 +132,7 @@ def run_search(recipe: RecipeConfig) -> dict:
         raise ValueError("minitron search needs a budget: set search.params (the most parameters of the student)")
     out = run.root / "search"
     teacher = run.require(run.active_teacher(), "prepare")
+    _replace_stale(run, settings(recipe))
     arch = load_arch(teacher)
     scores = ImportanceScores.load(run.require(run.scores, "score"))
     found = candidates(arch, s, parallel_state.get_tensor_model_parallel_world_size())
@@ -96,8 +157,7 @@ def run_search(recipe: RecipeConfig) -> dict:
         for rank, row in enumerate(sorted(table, key=lambda r: r["pruned_loss"])):
             row["pruned_rank"] = rank
         top = sorted(table, key=lambda r: r["pruned_rank"])[:s.top_k]
-        d = replace(recipe.distill, steps=s.steps, eval_interval=0, save_interval=0,
-                    warmup_steps=min(recipe.distill.warmup_steps, s.steps - 1))
+        d = _distill_settings(recipe)
         for row in top:
             target = found[int(row["name"].split("_")[1])]
             pipeline.prune_model(recipe, teacher, scores, target, run.pruned(row["name"]))

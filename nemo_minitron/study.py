@@ -230,17 +230,17 @@ class Study:
         return self.summarise(records, self.search())
 
     def search(self) -> dict | None:
-        """With search.params set: `minitron search` on the study's teacher and scores (kept when done before);
-        every candidate's pruned loss and the top_k's loss after search.steps of KD, and whether KD changed the
-        ranking (candidate losses are on the selection split, as the search selects on it)."""
-        from nemo_minitron.search import run_search
+        """With search.params set: `minitron search` on the study's teacher and scores (kept when it ran before from
+        the same settings); every candidate's pruned loss and the top_k's loss after search.steps of KD, and whether
+        KD changed the ranking (candidate losses are on the selection split, as the search selects on it)."""
+        from nemo_minitron.search import finished, run_search
 
         if self.recipe.search.params is None:
             return None
         out = self.run.root / "search"
-        if (out / "choice.json").exists():
-            log("[study] architecture search: done before, kept")
-            choice = json.loads((out / "choice.json").read_text())
+        choice = finished(self.recipe)
+        if choice is not None:
+            log("[study] architecture search: done before from the same settings, kept")
         else:
             log(f"\n[study] architecture search within {self.recipe.search.params / 1e6:.1f}M parameters")
             choice = run_search(self.recipe)

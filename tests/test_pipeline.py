@@ -216,6 +216,18 @@ def test_search_ranks_candidates_within_the_budget_then_after_distillation(tiny_
     assert validation_loss(chosen, selection, 4) == pytest.approx(choice["chosen"]["distilled_loss"], abs=1e-5)
     assert choice["plan"]["arch"]["hidden_size"] == choice["chosen"]["target"]["hidden_size"]
 
+    # From other settings the search starts again: the earlier students are replaced, not resumed.
+    minitron("search", "--run-dir", str(run_dir), "search.params=60000", "search.steps=2", "search.multiple_of=8",
+             "search.top_k=2")
+    again = json.loads((run_dir / "search" / "candidates.json").read_text())
+    assert [r["pruned_loss"] for r in again] == pytest.approx([r["pruned_loss"] for r in table], abs=1e-6)
+    top2 = sorted(r["name"] for r in again if "distilled_loss" in r)
+    assert top2 == sorted(r["name"] for r in top if r["pruned_rank"] < 2)
+    assert sorted(p.name for p in (run_dir / "distilled").iterdir()) == top2
+    for name in top2:
+        assert json.loads((run.distilled(name) / "history.json").read_text())[-1]["step"] == 2
+    assert json.loads((run_dir / "search" / "settings.json").read_text())["search"]["steps"] == 2
+
 
 def test_block_search_by_task_metric(tiny_run, tiny_task_path, tmp_path, single_process):
     """score.block_task: every block is scored on an lm_eval task with the block removed, equal to the task score

@@ -71,10 +71,12 @@ def test_tiny_study_runs_every_arm_on_one_budget_and_resumes(tiny_hf_run_inputs,
 
     # Resume: finished arms are kept; a removed arm is trained again, to the same numbers.
     kept = (run_dir / "study" / "arms" / "scratch_lm.json").stat().st_mtime_ns
+    searched = (run_dir / "search" / "choice.json").stat().st_mtime_ns
     (run_dir / "study" / "arms" / "depth_block_search.json").unlink()
     minitron("study", *overrides, timeout=900)
     again = json.loads((run_dir / "study" / "quality.json").read_text())["arms"]
     assert (run_dir / "study" / "arms" / "scratch_lm.json").stat().st_mtime_ns == kept
+    assert (run_dir / "search" / "choice.json").stat().st_mtime_ns == searched  # the same search settings
     assert again["depth_block_search"]["val_loss"] == pytest.approx(arms["depth_block_search"]["val_loss"], abs=1e-6)
 
 
