@@ -36,7 +36,7 @@ from nemo_minitron.runtime.console import quiet_known_warnings, run_command
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 STUDY_RECIPE = DEMO_RECIPE.with_name("study.yaml")
 # `minitron study --quick`: every arm at a sixth of the budget, for a first look (and the tests)
-QUICK_STUDY = ["distill.steps=20", "distill.eval_interval=5", "distill.warmup_steps=2", "correct.steps=4",
+QUICK_STUDY = ["distill.steps=10", "distill.eval_interval=5", "distill.warmup_steps=1", "correct.steps=4",
                "correct.warmup_steps=1", "search.top_k=2", "search.steps=5",
                "data.num_validation=8", "data.num_calibration=8", "run_dir=runs/study-quick"]
 COMMANDS = ("demo", "run", "plan", "study", "search", *pipeline.STAGES)
