@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is N
 TEACHER = ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
                     vocab_size=128, kv_channels=16, max_position_embeddings=64)
 STUDENT = TEACHER.replace(hidden_size=48, ffn_hidden_size=64)
+LLAMA31_8B = ModelArch(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                       num_query_groups=8, vocab_size=128256, kv_channels=128, rope_scaling_factor=8.0)
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 HISTORY_KEYS = ("lr", "loss", "kd_loss", "lm_loss", "inter_loss", "grad_norm")
 
@@ -35,6 +37,7 @@ def _save_models(tmp, sp):
     torch.manual_seed(1)
     save_checkpoint(build_gpt_model(STUDENT, sequence_parallel=sp), STUDENT, f"{tmp}/student")
     torch.save(_sequences(24), f"{tmp}/train.pt")
+    torch.save(_sequences(8, seed=1), f"{tmp}/valid.pt")
 
 
 def _forward_step(variant, teacher):
@@ -46,9 +49,11 @@ def _forward_step(variant, teacher):
     return ForwardStep(teacher, lm_loss_weight=0.5, fuse_output_layer=variant == "fused")
 
 
-def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=None, exit_interval=None, pp=1):
-    """A Bridge KD run of the saved student from the saved teacher; returns (history, this rank's final student
-    weights); the history is kept on the last pipeline stage."""
+def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=None, exit_interval=None, pp=1,
+               eval_iters=0):
+    """A Bridge KD run of the saved student from the saved teacher (eval_iters: validation batches of the saved
+    validation sequences every stage.eval_interval steps and after training); returns (history, this rank's final
+    student weights); the history is kept on the last pipeline stage."""
     from nemo_minitron.bridge.callbacks import HistoryCallback
     from nemo_minitron.bridge.data import PackedSequences
     from nemo_minitron.bridge.model import AttachProjections, LoadWeights, TeacherFromCheckpoint, gpt_provider
@@ -64,8 +69,8 @@ def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=No
         hooks.append(AttachProjections(forward_step.intermediate, teacher, seed=7))
     for hook in hooks:
         model.register_pre_wrap_hook(hook)
-    dataset = PackedSequences(train_path=f"{tmp}/train.pt", seed=7)
-    config = container(model, dataset, stage, seed=1234, checkpoint_dir=checkpoint_dir)
+    dataset = PackedSequences(train_path=f"{tmp}/train.pt", validation_path=f"{tmp}/valid.pt", seed=7)
+    config = container(model, dataset, stage, seed=1234, checkpoint_dir=checkpoint_dir, eval_iters=eval_iters)
     config.train.exit_interval = exit_interval
     history = HistoryCallback(history_path)
     weights = {}
@@ -85,7 +90,8 @@ def _bridge_kd(tmp, tp, sp, variant, stage, checkpoint_dir=None, history_path=No
 def _assert_same_history(actual, expected, rtol=1e-5):
     assert [e["step"] for e in actual] == [e["step"] for e in expected]
     for a, e in zip(actual, expected):
-        for key in HISTORY_KEYS:
+        assert ("val_loss" in a) == ("val_loss" in e), (a, e)
+        for key in (*HISTORY_KEYS, "val_loss"):
             if key in e:
                 assert a[key] == pytest.approx(e[key], rel=rtol, abs=1e-9), (a["step"], key, a[key], e[key])
 
@@ -105,15 +111,18 @@ def _kd_equals_trainer(rank, world_size, tmp, pp, sp, variant):
     _save_models(tmp, sp)
     last_stage = parallel_state.is_pipeline_last_stage()
     stage = TrainStageConfig(steps=4, micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4,
-                             warmup_steps=1, weight_decay=0.01)
+                             warmup_steps=1, weight_decay=0.01, eval_interval=2)
     student, _ = load_checkpoint(f"{tmp}/student", sequence_parallel=sp)
     teacher, _ = load_checkpoint(f"{tmp}/teacher", sequence_parallel=sp)
     forward_step = _forward_step(variant, Teacher(teacher))
-    expected = train(student, _sequences(24), stage.train_config(seed=7), forward_step, progress=False)
+    expected = train(student, _sequences(24), stage.train_config(seed=7), forward_step, progress=False,
+                     validation=_sequences(8, seed=1))
+    assert [e["step"] for e in expected if "val_loss" in e] == [2, 4]
     if forward_step.intermediate is not None:
         assert expected[-1]["inter_loss"] > 0
     expected_weights = {k: v.detach().clone() for k, v in student.named_parameters()}
-    history, weights = _bridge_kd(tmp, tp, sp, variant, stage, pp=pp)  # Bridge re-initialises the groups
+    # Bridge re-initialises the groups; it validates at steps 2 and 4 and once more after training
+    history, weights = _bridge_kd(tmp, tp, sp, variant, stage, pp=pp, eval_iters=2)
     if last_stage:
         _assert_same_history(history, expected)
     else:
@@ -127,8 +136,9 @@ def _kd_equals_trainer(rank, world_size, tmp, pp, sp, variant):
                                               (2, 1, True, "logits"), (1, 2, False, "logits")],
                          ids=["tp1-intermediate", "tp2-fused", "tp2-sp", "pp2"])
 def test_bridge_kd_equals_trainer(tmp_path, tp, pp, sp, variant):
-    """Bridge's pretrain() with ForwardStep reproduces the project trainer's loss history and final weights (under
-    pipeline parallelism the teacher's stages travel with the student's in both loops)."""
+    """Bridge's pretrain() with ForwardStep reproduces the project trainer's loss history, validation losses (during
+    training and in the validation pass pretrain() runs after it) and final weights (under pipeline parallelism the
+    teacher's stages travel with the student's in both loops, validation included)."""
     run_distributed(_kd_equals_trainer, tp * pp, str(tmp_path), pp, sp, variant, timeout=600)
 
 
@@ -373,8 +383,7 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
     from nemo_minitron.bridge import recipes
     from nemo_minitron.bridge.model import ApplyPlan
 
-    arch = ModelArch(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
-                     num_query_groups=8, vocab_size=128256, kv_channels=128, rope_scaling_factor=8.0)  # Llama-3.1-8B
+    arch = LLAMA31_8B
     _prepared_run(tmp_path, arch)
     overrides = [f"run_dir={tmp_path}", f"model.source={tmp_path}", "model.transformer_impl=local"]
     with monkeypatch.context() as patch:
@@ -393,7 +402,8 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
                for name, cfg in (("width", width), ("depth", depth))}
     assert (targets["width"].hidden_size, targets["width"].ffn_hidden_size) == (3072, 9216)
     assert targets["depth"].num_layers == 16 and targets["depth"].hidden_size is None
-    assert width.mixed_precision == "bf16_mixed" and width.optimizer.bf16 and not width.optimizer.fp16
+    assert width.mixed_precision.bf16 and width.mixed_precision.fp8 is None  # Bridge's bf16_mixed preset
+    assert width.optimizer.bf16 and not width.optimizer.fp16
     assert model.params_dtype == torch.bfloat16 and width.optimizer.params_dtype == torch.bfloat16
     assert width.optimizer.use_distributed_optimizer and width.ddp.use_distributed_optimizer
     assert width.ddp.grad_reduce_in_fp32
@@ -401,7 +411,7 @@ def test_recipe_functions_carry_the_recipe_into_bridge(tmp_path, monkeypatch, gp
     plain = recipes.llama31_8b_to_4b_width_config(overrides=[*overrides, "model.params_dtype=fp16",
                                                              "parallel.use_distributed_optimizer=false",
                                                              "model.recompute_granularity=full"])
-    assert plain.mixed_precision == "fp16_mixed" and plain.optimizer.fp16 and not plain.optimizer.bf16
+    assert plain.mixed_precision.fp16 and plain.optimizer.fp16 and not plain.optimizer.bf16
     assert not plain.optimizer.use_distributed_optimizer and not plain.ddp.overlap_param_gather
     assert (plain.model.recompute_granularity, plain.model.recompute_method) == ("full", "uniform")
     assert width.dist.distributed_backend == ("nccl" if gpu else "gloo")
@@ -496,10 +506,125 @@ def test_indexed_dataset_through_bridge_gpt_dataset(tmp_path):
     run_distributed(_indexed_data_lm, 1, str(tmp_path))
 
 
-def test_provider_carries_llama3_rope_scaling():
-    """Bridge builds the same RoPE as build_gpt_model: Llama-3.x scaling on or off with the arch."""
+def _provider_equals_build(rank, world_size):
     from nemo_minitron.bridge.model import gpt_provider
+    from nemo_minitron.runtime.bridge_shims import bridge_cpu
+    from nemo_minitron.models.build import build_gpt_model, forward_logits
+    from nemo_minitron.runtime.distributed import init_distributed
 
-    scaled = gpt_provider(TEACHER.replace(rope_scaling_factor=32.0), seq_length=16)
-    plain = gpt_provider(TEACHER, seq_length=16)
-    assert (scaled.rope_scaling, scaled.rope_scaling_factor, plain.rope_scaling) == (True, 32.0, False)
+    init_distributed(seed=0)
+    tokens = _sequences(2)[:, :16]
+    inv_freq = {}
+    for factor in (None, 32.0):
+        arch = TEACHER.replace(rope_scaling_factor=factor, max_position_embeddings=16)
+        provider = gpt_provider(arch, seq_length=16)
+        provider.finalize()
+        with bridge_cpu():
+            (model,) = provider.provide_distributed_model(wrap_with_ddp=False)
+        expected = build_gpt_model(arch)
+        model.load_state_dict(expected.state_dict())
+        inv_freq[factor] = model.rotary_pos_emb.inv_freq
+        torch.testing.assert_close(inv_freq[factor], expected.rotary_pos_emb.inv_freq, rtol=0, atol=0)
+        torch.testing.assert_close(forward_logits(model, tokens), forward_logits(expected, tokens))
+    assert not torch.equal(inv_freq[None], inv_freq[32.0])
+
+
+def test_provider_builds_the_model_of_build_gpt_model():
+    """Bridge's provider builds build_gpt_model's GPTModel: the same logits from the same weights, Llama-3.x RoPE
+    scaling on or off with the arch (GPTModelProvider.rope_scaling from Bridge 0.3.1, Llama31ModelProvider in
+    0.3.0)."""
+    run_distributed(_provider_equals_build, 1)
+
+
+@pytest.mark.parametrize("params_dtype,fp8", [("bf16", None), ("bf16", "delayed"), ("bf16", "tensorwise"),
+                                              ("fp16", "delayed"), ("fp32", None)])
+def test_precision_survives_bridge_config_processing(tmp_path, monkeypatch, params_dtype, fp8):
+    """The flagship recipe's precision as Bridge leaves it: after runtime_config_update (the mixed-precision preset
+    copied onto the model / optimizer / DDP configs, then ConfigContainer.validate()), the student has the recipe's
+    params dtype and FP8 recipe (16-bit weights, FP8 compute), and the teacher is built with the same."""
+    from megatron.core.transformer import TransformerConfig
+
+    from nemo_minitron.bridge import recipes
+    from nemo_minitron.bridge.model import TeacherFromCheckpoint
+    from nemo_minitron.models import arch as arch_module
+
+    with bridge_imports():
+        from megatron.bridge.training.config import runtime_config_update
+
+    arch = LLAMA31_8B
+    _prepared_run(tmp_path, arch)
+    monkeypatch.setattr(arch_module, "transformer_engine_available", lambda: True)  # the GPU container's
+    monkeypatch.setenv("WORLD_SIZE", "64")  # 8 nodes: TP=8 x DP=8
+    overrides = [f"run_dir={tmp_path}", f"model.source={tmp_path}", f"model.params_dtype={params_dtype}",
+                 f"model.fp8={fp8 or 'null'}"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[params_dtype]
+    config = recipes.llama31_8b_to_4b_width_config(overrides=overrides)
+    runtime_config_update(config)
+    model = config.model
+    assert (model.fp8, model.fp8_recipe if fp8 else None) == (("hybrid", fp8) if fp8 else (None, None))
+    assert not model.fp8_param  # 16-bit primary weights: the pre-wrap hooks load and prune them
+    assert (model.params_dtype, model.bf16, model.fp16) == (dtype, params_dtype == "bf16", params_dtype == "fp16")
+    assert (config.optimizer.bf16, config.optimizer.fp16) == (params_dtype == "bf16", params_dtype == "fp16")
+    assert model.transformer_impl == "transformer_engine"
+    teacher = next(h for h in model._pre_wrap_hooks if isinstance(h, TeacherFromCheckpoint))
+    teacher_config = TransformerConfig(**arch_module.transformer_config_kwargs(
+        arch, tensor_model_parallel_size=8, pipeline_model_parallel_size=1, **teacher.build_kwargs))
+    assert (teacher_config.fp8, teacher_config.fp8_recipe if fp8 else None) == (model.fp8, model.fp8_recipe if fp8
+                                                                                else None)
+    assert teacher_config.params_dtype == dtype
+
+
+def test_fp8_needs_16_bit_weights_under_bridge(tmp_path, monkeypatch):
+    """Bridge's FP8 presets are 16-bit mixed precision: FP8 with float32 weights is refused by name."""
+    from nemo_minitron.bridge import recipes
+    from nemo_minitron.models import arch as arch_module
+
+    _prepared_run(tmp_path, LLAMA31_8B)
+    monkeypatch.setattr(arch_module, "transformer_engine_available", lambda: True)
+    with pytest.raises(ValueError, match="model.fp8 through Megatron-Bridge needs model.params_dtype bf16 or fp16"):
+        recipes.llama31_8b_to_4b_width_config(overrides=[f"run_dir={tmp_path}", f"model.source={tmp_path}",
+                                                         "model.params_dtype=fp32", "model.fp8=delayed"])
+
+
+def _fused_with_overlapped_param_gather(rank, world_size, tmp):
+    from nemo_minitron.bridge.callbacks import HistoryCallback
+    from nemo_minitron.bridge.data import PackedSequences
+    from nemo_minitron.bridge.model import LoadWeights, TeacherFromCheckpoint, gpt_provider
+    from nemo_minitron.bridge.recipes import BridgeRun, container
+    from nemo_minitron.bridge.stages import launch
+    from nemo_minitron.config import TrainStageConfig
+    from nemo_minitron.models.build import build_gpt_model
+    from nemo_minitron.models.checkpoint import save_checkpoint
+    from nemo_minitron.runtime.distributed import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(use_distributed_optimizer=True), seed=1234)
+    student = STUDENT.replace(tie_word_embeddings=False)  # the output layer holds its own weight
+    torch.manual_seed(0)
+    save_checkpoint(build_gpt_model(TEACHER), TEACHER, f"{tmp}/teacher")
+    torch.manual_seed(1)
+    save_checkpoint(build_gpt_model(student), student, f"{tmp}/student")
+    torch.save(_sequences(24), f"{tmp}/train.pt")
+    stage = TrainStageConfig(steps=3, micro_batch_size=2, global_batch_size=4, lr=1e-2, warmup_steps=1)
+    runs = {}
+    for overlap in (False, True):
+        model = gpt_provider(student, seq_length=16)
+        teacher = TeacherFromCheckpoint(f"{tmp}/teacher")
+        for hook in (LoadWeights(f"{tmp}/student"), teacher):
+            model.register_pre_wrap_hook(hook)
+        config = container(model, PackedSequences(train_path=f"{tmp}/train.pt", seed=7), stage, seed=1234,
+                           use_distributed_optimizer=True)
+        # what a GPU run gets: the gather of the updated weights overlaps the next forward, one bucket per
+        # parameter so that the output layer's weight waits in its own module's pre-hook
+        config.ddp.overlap_grad_reduce = config.ddp.overlap_param_gather = overlap
+        config.ddp.bucket_size = 1
+        history = HistoryCallback()
+        launch(BridgeRun(config, _forward_step("fused", teacher), [history]))
+        runs[overlap] = history.history
+    _assert_same_history(runs[True], runs[False])
+
+
+def test_fused_output_loss_waits_for_the_overlapped_param_gather(tmp_path):
+    """The fused output-layer loss reads the output layer's weight without calling the layer; with the distributed
+    optimizer's all-gather overlapped with the forward (overlap_param_gather, DP=2), it still trains on the
+    gathered weights: the loss history equals the run without overlap."""
+    run_distributed(_fused_with_overlapped_param_gather, 2, str(tmp_path), timeout=600)

@@ -8,10 +8,14 @@ stages run by Megatron-Bridge's pretrain() (NeMo's training loop).
   STAGE    one stage on a prepared run folder: correct-teacher | score | distill (runs of Bridge's pretrain()),
            or prune (every prune target written as a Bridge checkpoint, pruned/NAME/bridge; distill prunes the
            student in its own run)
-  key=value  a recipe setting (e.g. distill.steps=20, parallel.tensor_model_parallel_size=2), or a setting of
-             Bridge's ConfigContainer in Bridge's override syntax (e.g. train.eval_iters=4,
-             checkpoint.save_interval=100, logger.tensorboard_dir=/results/tb): keys the recipe does not have go
-             to Bridge.
+  key=value  a recipe setting (e.g. distill.steps=20, parallel.tensor_model_parallel_size=2), or a field of
+             Bridge's ConfigContainer in Bridge's override syntax (e.g. logger.tensorboard_dir=/results/tb,
+             validation.eval_iters=4). Bridge's names for what the recipe sets are aliases of the recipe's keys:
+             model.tensor_model_parallel_size, model.pipeline_model_parallel_size, model.sequence_parallel,
+             model.seq_length, ddp.use_distributed_optimizer, rng.seed, and for distill / correct-teacher
+             train.train_iters, train.global_batch_size, train.micro_batch_size, optimizer.lr / min_lr /
+             weight_decay / clip_grad, scheduler.lr_warmup_iters, train.eval_interval, checkpoint.save_interval.
+             A key that is neither the recipe's nor Bridge's is refused, naming the nearest known key.
 
 Under torchrun / srun every rank runs the same command. `minitron prune` / `eval` / `report` read what these
 stages write (scores/, teacher_corrected/, distilled/NAME/). A bad input is reported as one line, exit code 1
@@ -25,25 +29,10 @@ import sys
 
 from omegaconf import OmegaConf
 
+from nemo_minitron.bridge.overrides import split_overrides
+
 STAGE_NAMES = ("correct-teacher", "score", "prune", "distill")
 COMMANDS = ("demo", "run", *STAGE_NAMES)
-
-
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(recipe overrides, Bridge overrides): a key goes to the recipe when the recipe has that key."""
-    from nemo_minitron.config import RecipeConfig
-
-    schema = OmegaConf.structured(RecipeConfig)
-    recipe, bridge = [], []
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        path = key.lstrip("+~")
-        known = OmegaConf.select(schema, path, default="__missing__") != "__missing__" or (
-            path.split(".")[0] == "prune")
-        (recipe if known else bridge).append(item)
-    return recipe, bridge
 
 
 def main(argv=None) -> int:
@@ -69,7 +58,7 @@ def command(args) -> int:
     """Run the parsed command (errors are reported by run_command)."""
     from nemo_minitron.cli import resolve_recipe
 
-    args.overrides, bridge_overrides = split_overrides(args.overrides)
+    args.overrides, bridge_overrides = split_overrides(args.overrides, args.command)
     recipe = resolve_recipe(args)
     from nemo_minitron.bridge import stages  # after the recipe: a bad one is reported without importing Bridge
 

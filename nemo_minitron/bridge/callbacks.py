@@ -28,7 +28,8 @@ class ImportanceCallback(Callback):
     the scores are written to ``out_dir`` in the format `minitron prune` reads (ImportanceScores.save). Equal to
     compute_importance on the same weights and tokens.
 
-    Run it with ``train.skip_train=True`` and ``train.eval_iters`` covering the calibration sequences.
+    Run it with ``skip_train=True`` and ``eval_iters`` covering the calibration sequences (``validation.*`` from
+    Bridge 0.4 on, ``train.*`` before).
     """
 
     def __init__(self, arch: ModelArch, out_dir: str | Path, *, seq_agg: str = "mean", batch_agg: str = "l2",
@@ -53,7 +54,7 @@ class ImportanceCallback(Callback):
             scores = self.hooks.scores(self.batch_agg)
         cfg = context.state.cfg
         scores.meta = score_meta(self.seq_agg, self.batch_agg, self.depth_metrics, self.block_sizes,
-                                 cfg.train.micro_batch_size, cfg.train.eval_iters * cfg.train.global_batch_size,
+                                 cfg.train.micro_batch_size, _eval_iters(cfg) * cfg.train.global_batch_size,
                                  cfg.model.seq_length, float(context.total_loss_dict["lm loss"]))
         if self.validation is not None:
             add_loss_metrics(scores, unwrap(chunk), self.validation, self.depth_metrics, self.block_sizes,
@@ -62,6 +63,13 @@ class ImportanceCallback(Callback):
         if is_rank0():
             scores.save(self.out_dir)
         self.scores = scores
+
+
+def _eval_iters(cfg) -> int:
+    """Validation batches per evaluation: ``cfg.validation.eval_iters`` from Bridge 0.4 on (its ValidationConfig),
+    ``cfg.train.eval_iters`` before."""
+    validation = getattr(cfg, "validation", None)
+    return (validation or cfg.train).eval_iters
 
 
 class HistoryCallback(Callback):
@@ -140,10 +148,13 @@ class SaveCheckpoint(Callback):
 
 
 class TeacherStages(Callback):
-    """Pipeline parallelism with a live teacher in Bridge: while training, the teacher's stages run alongside the
-    student's (ForwardStep.pipeline: the stages exchange [s, b, h_S + h_T]), and Bridge's training and evaluation
-    schedules get the matching ``adjust_tensor_shapes_fn`` (Bridge asks ModelOpt's distillation plugin for it in
-    training and passes none in evaluation; both are patched while this context manager is open)."""
+    """Pipeline parallelism with a live teacher in Bridge: from the start of training until this context manager
+    closes (after ``pretrain`` returns, so also through the validation pass it runs after training), the teacher's
+    stages run alongside the student's (ForwardStep.pipeline: the stages exchange [s, b, h_S + h_T]), and Bridge's
+    training and evaluation schedules get the matching ``adjust_tensor_shapes_fn``. Bridge asks ModelOpt's
+    distillation plugin for that function (``get_tensor_shapes_adjust_fn_for_distillation``) in training, and in
+    evaluation from 0.4 on: that name is patched in each module that has it; 0.3's evaluation passes none, so its
+    schedule is given ours."""
 
     def __init__(self, forward_step):
         self.forward_step, self.adjust, self._pipeline = forward_step, None, None
@@ -155,23 +166,25 @@ class TeacherStages(Callback):
 
         from nemo_minitron.runtime.bridge_shims import patched
 
+        name = "get_tensor_shapes_adjust_fn_for_distillation"
         train = importlib.import_module("megatron.bridge.training.train")
         evaluate = importlib.import_module("megatron.bridge.training.eval")
-        get_schedule = evaluate.get_forward_backward_func
-        self._patches.enter_context(patched(train, "get_tensor_shapes_adjust_fn_for_distillation",
-                                            lambda *args, **kwargs: self.adjust))
-        self._patches.enter_context(patched(evaluate, "get_forward_backward_func", lambda *args, **kwargs: (
-            functools.partial(get_schedule(*args, **kwargs), adjust_tensor_shapes_fn=self.adjust))))
+        for module in (train, evaluate):
+            if hasattr(module, name):
+                self._patches.enter_context(patched(module, name, lambda *args, **kwargs: self.adjust))
+        if not hasattr(evaluate, name):  # Bridge 0.3
+            get_schedule = evaluate.get_forward_backward_func
+            self._patches.enter_context(patched(evaluate, "get_forward_backward_func", lambda *args, **kwargs: (
+                functools.partial(get_schedule(*args, **kwargs), adjust_tensor_shapes_fn=self.adjust))))
         return self
 
     def __exit__(self, *exc):
+        if self._pipeline is not None:
+            self._pipeline.__exit__(None, None, None)
+            self._pipeline, self.adjust = None, None
         self._patches.close()
 
     def on_train_start(self, context) -> None:
         (chunk,) = context.model
         self._pipeline = self.forward_step.pipeline(unwrap(chunk))
         self.adjust = self._pipeline.__enter__()
-
-    def on_train_end(self, context) -> None:
-        self._pipeline.__exit__(None, None, None)
-        self.adjust = None

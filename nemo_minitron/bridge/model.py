@@ -5,6 +5,7 @@ load weights, apply a pruning plan, load the teacher.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -35,11 +36,24 @@ def gpt_provider(arch: ModelArch, *, seq_length: int, tensor_model_parallel_size
         arch, tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size, transformer_impl=transformer_impl, fp8=fp8,
         params_dtype=params_dtype, sequence_parallel=sequence_parallel, recompute_granularity=recompute_granularity)
-    return GPTModelProvider(
-        **kwargs, transformer_layer_spec=layer_spec, vocab_size=arch.vocab_size, should_pad_vocab=False,
+    provider, rope = _rope_provider(arch)
+    return provider(
+        **kwargs, **rope, transformer_layer_spec=layer_spec, vocab_size=arch.vocab_size, should_pad_vocab=False,
         seq_length=seq_length, share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope", rotary_base=int(arch.rotary_base), calculate_per_token_loss=True,
-        rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0)
+        position_embedding_type="rope", rotary_base=int(arch.rotary_base), calculate_per_token_loss=True)
+
+
+def _rope_provider(arch: ModelArch) -> tuple[type, dict]:
+    """(provider class, its RoPE-scaling fields) for ``arch``'s Llama-3.1 RoPE scaling (factor, low / high frequency
+    factors 1 / 4, original context 8192): ``GPTModelProvider.rope_scaling`` from Bridge 0.3.1 on; Bridge 0.3.0 has
+    no such field and scales in ``Llama31ModelProvider.provide`` (``scale_factor``) instead."""
+    if arch.rope_scaling_factor is None:
+        return GPTModelProvider, {}
+    if "rope_scaling" in {f.name for f in dataclasses.fields(GPTModelProvider)}:
+        return GPTModelProvider, dict(rope_scaling=True, rope_scaling_factor=arch.rope_scaling_factor)
+    from megatron.bridge.models.llama.llama_provider import Llama31ModelProvider
+
+    return Llama31ModelProvider, dict(scale_factor=arch.rope_scaling_factor)
 
 
 class LoadWeights:

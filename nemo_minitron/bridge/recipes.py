@@ -34,7 +34,19 @@ from nemo_minitron.runtime.absent_imports import absent_imports
 
 with absent_imports():
     from megatron.bridge.training import config as bridge_config
+    from megatron.bridge.training.mixed_precision import get_mixed_precision_config
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
+
+# (model.params_dtype, model.fp8) -> Bridge's mixed-precision preset. Bridge copies every precision field of the
+# preset onto the model, optimizer and DDP configs (runtime_config_update), so the preset must carry the FP8 recipe.
+PRECISION_PRESETS = {
+    (torch.bfloat16, None): "bf16_mixed",
+    (torch.float16, None): "fp16_mixed",
+    (torch.bfloat16, "delayed"): "bf16_with_fp8_delayed_scaling_mixed",
+    (torch.bfloat16, "tensorwise"): "bf16_with_fp8_current_scaling_mixed",
+    (torch.float16, "delayed"): "fp16_with_fp8_delayed_scaling_mixed",
+    (torch.float16, "tensorwise"): "fp16_with_fp8_current_scaling_mixed",
+}
 
 
 class BridgeRun(NamedTuple):
@@ -49,18 +61,24 @@ def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_
               eval_iters: int = 0, skip_train: bool = False, tokenizer=None, use_distributed_optimizer: bool = False):
     """ConfigContainer training ``model`` (a GPTModelProvider) on ``dataset`` with ``train``'s settings: Adam
     (beta 0.9 / 0.95), linear warmup from 0 then cosine decay to min_lr over the run, constant weight decay,
-    gradient clipping; per-token loss normalisation; bf16 / fp16 mixed precision (fp32 master weights) when the
-    model's params_dtype is 16-bit; use_distributed_optimizer shards them and Adam's states. checkpoint_dir: Bridge checkpoints every
-    train.save_interval steps (0: at the end) and resume from there. eval_iters: validation batches per
-    evaluation (every train.eval_interval steps, 0: at the end only)."""
+    gradient clipping; per-token loss normalisation; the model's params_dtype and FP8 recipe as Bridge's
+    mixed-precision preset (``mixed_precision``: 16-bit weights, fp32 master weights); use_distributed_optimizer
+    shards the master weights and Adam's states. checkpoint_dir: Bridge checkpoints every train.save_interval steps
+    (0: at the end) and resume from there. eval_iters: validation batches per evaluation (every
+    train.eval_interval steps, 0: at the end only), in ``validation`` from Bridge 0.4 on (its ValidationConfig),
+    in ``train`` before."""
     gpu = torch.cuda.is_available()
     bf16, fp16 = model.params_dtype == torch.bfloat16, model.params_dtype == torch.float16
     checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+    validation = dict(eval_iters=eval_iters, eval_interval=train.eval_interval or train.steps, skip_train=skip_train)
+    if hasattr(bridge_config, "ValidationConfig"):  # Bridge >= 0.4: TrainingConfig's eval_* / skip_train deprecated
+        train_fields, extra = {}, dict(validation=bridge_config.ValidationConfig(**validation))
+    else:
+        train_fields, extra = validation, {}
     return bridge_config.ConfigContainer(
         train=bridge_config.TrainingConfig(
             train_iters=train.steps, micro_batch_size=train.micro_batch_size,
-            global_batch_size=train.global_batch_size, eval_iters=eval_iters, skip_train=skip_train,
-            eval_interval=train.eval_interval or train.steps),
+            global_batch_size=train.global_batch_size, **train_fields),
         model=model,
         optimizer=bridge_config.OptimizerConfig(
             optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
@@ -81,8 +99,24 @@ def container(model, dataset, train: TrainStageConfig, *, seed: int, checkpoint_
             ckpt_format="torch_dist"),
         dist=bridge_config.DistributedInitConfig(distributed_backend="nccl" if gpu else "gloo"),
         rng=bridge_config.RNGConfig(seed=seed),
-        mixed_precision="bf16_mixed" if bf16 else "fp16_mixed" if fp16 else None,
+        mixed_precision=mixed_precision(model),
+        **extra,
     )
+
+
+def mixed_precision(model):
+    """Bridge's MixedPrecisionConfig for the provider's params_dtype and FP8 recipe (PRECISION_PRESETS), or None
+    for float32. FP8 primary weights (the presets' fp8_param_gather) are turned off: the pre-wrap hooks load and
+    prune 16-bit weights, and the teacher keeps 16-bit weights too; FP8 compute is unchanged."""
+    fp8 = model.fp8_recipe if model.fp8 else None
+    if model.params_dtype == torch.float32:
+        if fp8 is not None:
+            raise ValueError("model.fp8 through Megatron-Bridge needs model.params_dtype bf16 or fp16 (Bridge's FP8 "
+                             "presets are 16-bit mixed precision), got fp32")
+        return None
+    config = get_mixed_precision_config(PRECISION_PRESETS[(model.params_dtype, fp8)])
+    config.fp8_param_gather = False
+    return config
 
 
 def _provider(recipe: RecipeConfig, arch, local: bool = False):

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 from nemo_minitron.bridge.callbacks import TeacherStages
+from nemo_minitron.bridge.overrides import check_bridge_keys
 from nemo_minitron.bridge.recipes import TRAINING_STAGES, BridgeRun, pruned_provider
 from nemo_minitron.config import RecipeConfig
 from nemo_minitron.distillation.teacher import Teacher
@@ -14,10 +15,12 @@ from nemo_minitron.runtime.bridge_shims import bridge_cpu
 
 def training_stage(stage: str, recipe: RecipeConfig, bridge_overrides=()) -> BridgeRun:
     """The BridgeRun of ``stage`` (correct-teacher, score, distill) with Bridge-side overrides applied in Bridge's
-    syntax (``process_config_with_overrides``, e.g. train.eval_iters=4)."""
+    syntax (``process_config_with_overrides``, e.g. validation.eval_iters=4); each key must be a field of the
+    ConfigContainer (overrides.check_bridge_keys)."""
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     run = TRAINING_STAGES[stage](recipe)
+    check_bridge_keys(run.config, bridge_overrides)
     if bridge_overrides:
         try:
             process_config_with_overrides(run.config, cli_overrides=list(bridge_overrides))

@@ -53,7 +53,8 @@ def final_hidden_states(model, tokens: torch.Tensor, position_ids: torch.Tensor,
     GPTModel.forward returns the decoder's output (which includes the final norm) when post_process is False, so
     post_process is switched off for this call only. The unwrapped model is called, so Float16Module does not cast
     the hidden states to float32. hidden @ output_weight^T (gathered along s under sequence parallelism) equals the
-    model's logits, transposed to [s, b, V/TP].
+    model's logits, transposed to [s, b, V/TP]. The weight's module has its forward pre-hooks run (run_forward_pre_hooks),
+    as if its forward had been called.
     """
     gpt = unwrap(model)
     if not gpt.post_process:
@@ -65,9 +66,21 @@ def final_hidden_states(model, tokens: torch.Tensor, position_ids: torch.Tensor,
         hidden = gpt(tokens, position_ids, attention_mask)
     finally:
         gpt.post_process = True
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
-        else gpt.output_layer.weight
-    return FinalHiddenStates(hidden, weight, bool(gpt.config.sequence_parallel))
+    owner = gpt.embedding.word_embeddings if gpt.share_embeddings_and_output_weights and gpt.pre_process \
+        else gpt.output_layer  # the module holding the weight that shared_embedding_or_output_weight() returns
+    run_forward_pre_hooks(owner)
+    return FinalHiddenStates(hidden, owner.weight, bool(gpt.config.sequence_parallel))
+
+
+def run_forward_pre_hooks(module) -> None:
+    """Run ``module``'s forward pre-hooks without its forward. Megatron DDP with overlap_param_gather waits for a
+    module's all-gathered parameters in such a hook (and an unfinished gather fails the next step's start); the
+    fused loss reads the output layer's weight without calling the layer, so it runs the hooks itself."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if key in module._forward_pre_hooks_with_kwargs:
+            hook(module, (), {})
+        else:
+            hook(module, ())
 
 
 def _cross_entropy(z: torch.Tensor, labels: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
