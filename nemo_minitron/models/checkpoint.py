@@ -69,14 +69,16 @@ def fingerprint(directory: str | Path) -> str:
 
 
 def _die_with_parent(write, parent: int):
-    """``write`` (Megatron's per-bucket writer, run in a forked process) preceded by PR_SET_PDEATHSIG: the kernel
-    kills the writer when its parent dies, instead of leaving it blocked on a queue the parent held (Linux)."""
+    """``write`` (Megatron's per-bucket writer) preceded, in a forked writer process (Megatron-Core 0.16; from 0.17
+    it writes in threads of the saving process), by PR_SET_PDEATHSIG: the kernel kills the writer when its parent
+    dies, instead of leaving it blocked on a queue the parent held (Linux)."""
 
     def run(*args, **kwargs):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
+        if os.getpid() != parent:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
         return write(*args, **kwargs)
 
     return run

@@ -1,7 +1,7 @@
 """Serve placeholder modules for GPU-only packages to the few third-party modules that import them unconditionally.
 
 Megatron-Bridge imports Transformer Engine at module level in its LoRA layers (reached from ``import
-megatron.bridge``), and Megatron-Core imports triton at module level in a few inference kernels (reached from
+megatron.bridge``) and NVIDIA's resiliency extension in its training entry point, and Megatron-Core imports triton at module level in a few inference kernels (reached from
 Bridge's Mamba provider). Neither is used on a CPU run. ``absent_imports()`` replaces ``builtins.__import__`` while
 it is open so that exactly the importers named in ``IMPORTERS`` receive a placeholder; every other module still
 gets ImportError (Megatron-Core's own ``try: import transformer_engine`` probes keep HAVE_TE = False), nothing is
@@ -24,6 +24,10 @@ IMPORTERS = {
     "megatron.bridge.peft.lora_layers": ("transformer_engine",),
     "megatron.bridge.peft.lora": ("transformer_engine",),
     "megatron.bridge.models.gpt_full_te_layer_autocast_spec": ("transformer_engine",),
+    # in-process restart (off unless configured); nvidia-resiliency-ext >= 0.6, which Megatron-Core >= 0.17 requires
+    # once it is installed, is not on PyPI: the Python 3.12 stack runs without it
+    "megatron.bridge.training.pretrain": ("nvidia_resiliency_ext",),
+    "megatron.bridge.training.inprocess_restart": ("nvidia_resiliency_ext",),
     "megatron.core.inference.contexts.attention_context.triton.tensor_ops": ("triton",),
     "megatron.core.inference.contexts.fused_kv_append_kernel": ("triton",),
     "megatron.core.transformer.custom_layers.batch_invariant_kernels": ("triton",),
