@@ -7,7 +7,7 @@ export TORCHDYNAMO_DISABLE := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo study test test-fast test-bridge-latest bench clean
+.PHONY: install demo study test test-fast test-bridge-latest bench gpu-wheels clean
 
 # Megatron-Bridge releases that NeMo Framework containers ship (README, "Megatron-Bridge versions"). .venv holds 0.3.1
 # (26.02.01); every other version gets a small venv that sees a base venv's packages and puts its own Bridge (and on
@@ -98,8 +98,21 @@ test-bridge-latest: $(foreach v,$(BRIDGE_LATEST),.venv-bridge-$(v)/.installed)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Wheels for benchmarks/gpu_check.sh on a GPU machine without network (Python 3.12, a CUDA torch): Megatron-Core,
+# Bridge 0.3.1 and the pure-Python packages they import that such a machine lacks. Carry .whl/ along.
+GPU_WHEELS := megatron-core==0.16.1 megatron-bridge==0.3.1 omegaconf==2.4.0 hydra-core==1.3.2 \
+	nvidia-modelopt==0.43.0 pulp==3.3.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 tensorboard==2.21.0 tensorboard-data-server==0.7.2 six==1.17.0 defusedxml==0.7.1
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	du -sh .whl
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) .venv-py312 .venv-bridge-* runs .cache
+	rm -rf $(VENV) .venv-py312 .venv-bridge-* runs .cache .whl

@@ -67,17 +67,20 @@ def _loss(variant: str, inputs: dict, loss_mask: torch.Tensor, chunk_size: int) 
                                                                                  loss_mask), loss_mask)
 
 
-def _inputs(variant: str, batch: int, seq: int, vocab: int) -> dict:
-    """Seeded inputs; the student's logits, or its hidden states and output weight, require grad."""
+def _inputs(variant: str, batch: int, seq: int, vocab: int, hidden: int = HIDDEN, dtype=torch.float32,
+            device="cpu") -> dict:
+    """Seeded inputs; the student's logits, or its hidden states and output weight (``hidden`` channels, ``dtype``),
+    require grad."""
     torch.manual_seed(0)
     if variant in ("naive", "chunked"):
-        return {side: torch.empty(batch, seq, vocab, dtype=torch.bfloat16).normal_(std=2.0).requires_grad_(
-            side == "student") for side in ("student", "teacher")}
+        return {side: torch.empty(batch, seq, vocab, dtype=torch.bfloat16, device=device).normal_(
+            std=2.0).requires_grad_(side == "student") for side in ("student", "teacher")}
     inputs = {}
     for side in ("student", "teacher"):
-        inputs[side] = torch.empty(seq, batch, HIDDEN).normal_().requires_grad_(side == "student")
-        inputs[f"{side}_weight"] = torch.empty(vocab, HIDDEN).normal_(
-            std=2.0 / HIDDEN**0.5).requires_grad_(side == "student")
+        inputs[side] = torch.empty(seq, batch, hidden, dtype=dtype, device=device).normal_().requires_grad_(
+            side == "student")
+        inputs[f"{side}_weight"] = torch.empty(vocab, hidden, dtype=dtype, device=device).normal_(
+            std=2.0 / hidden**0.5).requires_grad_(side == "student")
     return inputs
 
 

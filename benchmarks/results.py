@@ -10,10 +10,10 @@ from pathlib import Path
 RESULTS = Path(__file__).with_name("results.json")
 
 
-def record(key: str, value: float, **details) -> None:
-    """Set ``key`` to ``value`` (with its details and the machine) in benchmarks/results.json."""
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def record(key: str, value: float, path: Path = RESULTS, **details) -> None:
+    """Set ``key`` to ``value`` (with its details and the machine) in ``path`` (benchmarks/results.json)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
     results[key] = {"value": value, **details, "machine": platform.processor() or platform.machine(),
                     "measured": time.strftime("%Y-%m-%d %H:%M")}
-    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"{key} = {value:.4g}  {details}")

@@ -142,6 +142,22 @@ def recipe_missing_for_bridge(c):
     return ["bridge", "run", "--recipe", str(path)], [str(path)]
 
 
+@case
+def bridge_override_not_a_recipe_key(c):
+    return ["bridge", "distill", "--run-dir", str(c.run()), "distill.stepz=5"], ["distill.stepz", "distill.steps"]
+
+
+@case
+def bridge_override_not_a_bridge_field(c):
+    return (["bridge", "distill", "--run-dir", str(c.run()), "logger.log_intervall=3"],
+            ["logger.log_intervall", "logger.log_interval"])
+
+
+@case
+def bridge_training_alias_for_several_stages(c):
+    return ["bridge", "run", "--run-dir", str(c.run()), "train.train_iters=4"], ["train.train_iters", "distill.steps"]
+
+
 # ---------------------------------------------------------------------------------------------- model folders
 
 

@@ -628,3 +628,22 @@ def test_fused_output_loss_waits_for_the_overlapped_param_gather(tmp_path):
     optimizer's all-gather overlapped with the forward (overlap_param_gather, DP=2), it still trains on the
     gathered weights: the loss history equals the run without overlap."""
     run_distributed(_fused_with_overlapped_param_gather, 2, str(tmp_path), timeout=600)
+
+
+def test_bridge_names_of_recipe_settings_change_the_recipe(tmp_path, capsys):
+    """One source of truth: Bridge's names for what the recipe sets (model.tensor_model_parallel_size,
+    train.train_iters) are aliases of the recipe's keys, so `--dry-run` shows the whole config following them (the
+    schedule's decay length too), and a layout the prune target cannot shard over is refused before Bridge runs."""
+    import yaml
+
+    from nemo_minitron.bridge.__main__ import main
+
+    _prepared_run(tmp_path, LLAMA31_8B)
+    args = ["distill", "--recipe", str(RECIPE_DIR / "llama31_8b_to_4b.yaml"), "--dry-run", f"run_dir={tmp_path}",
+            f"model.source={tmp_path}", "model.transformer_impl=local"]
+    assert main([*args, "model.tensor_model_parallel_size=4", "train.train_iters=200"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["tensor_model_parallel_size"] == 4
+    assert config["train"]["train_iters"] == config["scheduler"]["lr_decay_iters"] == 200
+    assert main([*args, "model.tensor_model_parallel_size=3"]) == 1
+    assert "tensor_model_parallel_size" in capsys.readouterr().err
