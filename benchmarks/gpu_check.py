@@ -195,7 +195,8 @@ def main() -> None:
         work = Path(tmp)
         save_inputs(size, work)
         history = bridge_distill(size, work)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # the carried wheels too
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
         flags = ["--tiny"] if args.tiny else []
         proc = subprocess.run([sys.executable, __file__, *flags, "--cpu-reference", str(work)], env=env,
                               capture_output=True, text=True, check=True)

@@ -27,8 +27,18 @@ SBATCH_FILES = (ROOT / "examples" / "slurm_minitron.sbatch", SBATCH_BRIDGE)
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 STAGES = ("correct-teacher", "score", "prune", "distill")
 
-# What the NeMo Framework 26.02 container ships (the image docker/Dockerfile builds on).
+# What the NeMo Framework 26.02 container ships (the oldest container whose Bridge the suite runs).
 NEMO_2602_PINS = {"megatron-core": "0.16.0", "megatron-bridge": "0.3.0", "python": "3.12"}
+# Megatron-Bridge in each NeMo Framework container.
+CONTAINER_BRIDGE = {"26.02": "0.3.0", "26.02.01": "0.3.1", "26.04": "0.4.0", "26.06": "0.5.0", "26.08": "0.6.0"}
+
+
+def make_test_bridge_versions() -> set[str]:
+    """The Bridge versions `make test` runs the Bridge tests on: .venv's pin (constraints-cpu.txt) and each
+    .venv-bridge-VERSION venv the test target needs."""
+    test_rule = next(line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("test:"))
+    pin = re.search(r"^megatron-bridge==([\d.]+)$", (ROOT / "constraints-cpu.txt").read_text(), re.M)[1]
+    return {pin, *re.findall(r"\.venv-bridge-([\d.]+)/", test_rule)}
 
 # Fields of nemo_run.SlurmExecutor / nemo_run.Script that job_spec may fill (NVIDIA/NeMo-Run, core/execution/slurm.py
 # and config.py); a misspelt key would be a TypeError on the cluster only.
@@ -409,7 +419,8 @@ def test_dockerfile_structure():
     words = [word for word, _ in instructions]
     assert words.index("ARG") < words.index("FROM") and words.count("FROM") == 1
     args = dict(rest.split("=", 1) for word, rest in instructions if word == "ARG")
-    assert re.fullmatch(r"nvcr\.io/nvidia/nemo:26\.02(\.\d+)?", args["BASE"]), args
+    tag = re.fullmatch(r"nvcr\.io/nvidia/nemo:([\d.]+)", args["BASE"])
+    assert tag and CONTAINER_BRIDGE.get(tag[1]) in make_test_bridge_versions(), args  # the image's Bridge is tested
     assert dict(instructions)["FROM"] in ("${BASE}", "$BASE")
     for sources, _ in docker_copies():
         assert all((ROOT / src).exists() for src in sources), sources
@@ -417,8 +428,7 @@ def test_dockerfile_structure():
     [cmd] = [rest for word, rest in instructions if word == "CMD"]
     cmd = json.loads(cmd)
     assert isinstance(cmd, list) and all(isinstance(part, str) for part in cmd)
-    assert cmd in (["minitron", "demo"], ["python", "-m", "nemo_minitron.cli", "demo"]), cmd
-    assert cmd[0] == "python" or cmd[0] in entry_points("console_scripts")
+    assert cmd == ["python", "-m", "nemo_minitron.bridge", "demo"], cmd  # the demo in NeMo's loop
 
 
 def test_dockerfile_pip_installs_change_no_container_dependency():

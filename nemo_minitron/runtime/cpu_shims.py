@@ -1,6 +1,10 @@
 """Make Megatron-Core run on a machine without CUDA (gloo, fp32, local layer spec).
 
-Every patch here is applied only when ``torch.cuda.is_available()`` is False, and only once:
+Every patch here is applied only when ``torch.cuda.is_available()`` is False, once per process (by
+``init_distributed``), and stays for the life of that process: unlike the Bridge patches of bridge_shims.py, which
+are undone when a Bridge run ends, these are what every Megatron-Core model of a CPU process runs on (the stages,
+the project trainer and Bridge alike; models and optimizers built under them keep using them after any one run),
+so undoing them midway would break the objects still alive. A process with CUDA is never patched:
 1. the CUDA RNG-states tracker becomes one that forks the CPU generator (attention always forks it);
 2. ``torch.cuda.current_device()`` used as a device becomes "cpu" (memory buffer, RoPE, TP gather);
 3. ``torch.cuda.synchronize`` / ``torch.cuda.manual_seed`` become no-ops (checkpointing, seeding);
