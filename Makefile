@@ -18,6 +18,12 @@ BRIDGE_LATEST := 0.4.0 0.5.0 0.6.0
 MCORE_FOR_0.4.0 := 0.17.1
 MCORE_FOR_0.5.0 := 0.18.2
 MCORE_FOR_0.6.0 := 0.19.2
+# each declares its own transformers range (0.5 registers model configs that later transformers already have)
+TRANSFORMERS_FOR_0.4.0 := 5.3.0
+TRANSFORMERS_FOR_0.5.0 := 5.8.1
+TRANSFORMERS_FOR_0.6.0 := 5.12.1
+# imported by 0.6's diffusion data modules, which `import megatron.bridge` reaches, though 0.6 does not declare it
+EXTRA_FOR_0.6.0 := megatron-energon
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 VENV312 := .venv-py312
 BRIDGE_WHEELS := .cache/bridge-wheels
@@ -40,13 +46,15 @@ $(STAMP): setup.py constraints-cpu.txt
 
 install: $(STAMP)
 
-# $(1): Python, $(2): base venv, $(3): packages installed in front of the base venv's (--no-deps, as in .venv)
+# $(1): Python, $(2): base venv, $(3): packages installed in front of the base venv's (--no-deps, as in .venv),
+# $(4): packages installed with those of their dependencies that the base venv does not satisfy
 define overlay_venv
 	rm -rf $(@D) && $(1) -m venv $(@D)
 	base=$$($(2)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	own=$$($(@D)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	echo "import site; site.addsitedir('$$base')" > $$own/zz_base_venv.pth
 	$(@D)/bin/python -m pip install --quiet --no-deps --ignore-installed $(3)
+	$(if $(4),$(@D)/bin/python -m pip install --quiet $(4))
 	touch $@
 endef
 
@@ -70,7 +78,8 @@ $(VENV312)/.installed: setup.py constraints-cpu.txt
 	touch $@
 
 .venv-bridge-%/.installed: $(VENV312)/.installed
-	$(call overlay_venv,$(PYTHON312),$(VENV312),megatron-bridge==$* megatron-core==$(MCORE_FOR_$*))
+	$(call overlay_venv,$(PYTHON312),$(VENV312),megatron-bridge==$* megatron-core==$(MCORE_FOR_$*),\
+		transformers==$(TRANSFORMERS_FOR_$*) $(EXTRA_FOR_$*))
 
 # Every Bridge release's wheel, for tests/test_bridge_versions.py (it reads their source; nothing is installed)
 $(BRIDGE_WHEELS)/.downloaded:

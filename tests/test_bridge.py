@@ -334,7 +334,9 @@ def test_bridge_stages_equal_the_minitron_stages(tiny_hf_run_inputs, tmp_path):
     assert "exit_interval: 7" in shown and "train_iters: 9" in shown
     with pytest.raises(AssertionError, match="no_such_key") as failure:
         bridge("distill", "--run", str(bridged), "train.no_such_key=1")
-    assert "Traceback" not in str(failure.value)
+    # one line, no traceback of the error (Bridge 0.6 logs tracebacks of optional imports it lacks at import time)
+    assert "python -m nemo_minitron.bridge distill: train.no_such_key: neither a recipe setting nor a field of " \
+           "Bridge's ConfigContainer" in str(failure.value) and "ValueError" not in str(failure.value)
     for stage in ("distill", "prune"):
         bridge(stage, "--run", str(bridged), f"run_dir={bridged}")
     minitron("prune", "--run", str(bridged), f"run_dir={bridged}")  # the same students in the project's format

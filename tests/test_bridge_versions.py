@@ -151,7 +151,9 @@ def test_names_the_adapter_calls(bridge):
                          ("megatron.bridge.training.utils.omegaconf_utils", "create_omegaconf_dict_config"),
                          ("megatron.bridge.training.tokenizers.config", "TokenizerConfig"),
                          ("megatron.bridge.training.config", "DatasetProvider"),
-                         ("megatron.bridge.training.config", "GPTDatasetConfig")):
+                         ("megatron.bridge.training.config", "GPTDatasetConfig"),
+                         ("megatron.bridge.models.gpt_provider", "local_layer_spec"),
+                         ("megatron.bridge.models.gpt_provider", "transformer_engine_layer_spec")):
         assert name in source.names(module), (module, name)
     assert {p for p in PRECISION_PRESETS.values()} <= source.registered_presets
     assert "fp8_param_gather" in source.members("megatron.bridge.training.mixed_precision", "MixedPrecisionConfig")

@@ -45,7 +45,8 @@ def launch(run: BridgeRun) -> None:
 def prune(recipe: RecipeConfig) -> list[Path]:
     """Every prune target as a Megatron-Bridge checkpoint, pruned/NAME/bridge: Bridge's provider builds the
     teacher, the distill stage's pre-wrap hooks load and prune it, and Bridge's ``save_megatron_model`` writes
-    it (load it in any Bridge recipe with ``checkpoint.pretrained_checkpoint``). Returns the folders."""
+    it (load it in any Bridge recipe with ``checkpoint.pretrained_checkpoint``). The saved config names Bridge's
+    own layer-spec function (``bridge_layer_spec``). Returns the folders."""
     from nemo_minitron.pipeline import RunDir
     from nemo_minitron.runtime.distributed import destroy_distributed, init_distributed
 
@@ -60,6 +61,7 @@ def prune(recipe: RecipeConfig) -> list[Path]:
                 provider = pruned_provider(recipe, name)
                 provider.finalize()  # what Bridge's setup does before it builds a model
                 model = provider.provide_distributed_model(wrap_with_ddp=False)
+                provider.transformer_layer_spec = bridge_layer_spec(provider)  # what the saved config names
                 out = run.pruned(name) / "bridge"
                 tokenizer = run.tokenizer if run.tokenizer.exists() else None
                 save_megatron_model(model, out, hf_tokenizer_path=tokenizer)
@@ -67,6 +69,15 @@ def prune(recipe: RecipeConfig) -> list[Path]:
         finally:
             destroy_distributed()
     return written
+
+
+def bridge_layer_spec(provider):
+    """Bridge's own layer-spec function for the provider's transformer_impl, with the same parameter names as
+    models.build.layer_spec's modules: a Bridge checkpoint's saved config names it, because Bridge's loader
+    instantiates only allow-listed ``_target_``s from 0.5 on (megatron.*, not nemo_minitron.*)."""
+    from megatron.bridge.models.gpt_provider import local_layer_spec, transformer_engine_layer_spec
+
+    return transformer_engine_layer_spec if provider.transformer_impl == "transformer_engine" else local_layer_spec
 
 
 def run_all(recipe: RecipeConfig, bridge_overrides=()) -> str:

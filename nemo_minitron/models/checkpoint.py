@@ -24,7 +24,8 @@ from nemo_minitron.runtime.distributed import is_rank0
 
 ARCH_FILE = "arch.json"
 MANIFEST_FILE = "manifest.json"
-REQUIRED_FILES = ("common.pt", ".metadata")  # of every dist checkpoint, beside metadata.json and arch.json
+REQUIRED_FILES = (".metadata",)  # of every dist checkpoint, beside metadata.json and arch.json
+COMMON_FILE = "common.pt"  # the non-sharded state: written by Megatron-Core <= 0.18 always, by 0.19 only if any
 
 
 def _file_digest(path: Path) -> str:
@@ -217,9 +218,9 @@ def load_checkpoint(directory: str | Path, **build_kwargs):
         raise FileNotFoundError(f"{directory} is not a nemo-minitron checkpoint: it needs {ARCH_FILE} and a "
                                 "Megatron-Core dist checkpoint (metadata.json), as written by save_checkpoint")
     verify_manifest(directory)
-    for name in REQUIRED_FILES:  # also where no manifest.json lists the files
+    for name in (*REQUIRED_FILES, COMMON_FILE):  # also where no manifest.json lists the files
         file = directory / name
-        if not file.is_file() or file.stat().st_size == 0:
+        if (name in REQUIRED_FILES and not file.is_file()) or (file.is_file() and file.stat().st_size == 0):
             raise ValueError(f"checkpoint {directory} is incomplete: {name} is missing or empty; re-run the stage "
                              "that wrote it")
     check_metadata(directory)

@@ -30,7 +30,7 @@ import importlib
 import torch
 
 from nemo_minitron.runtime.absent_imports import absent_imports
-from nemo_minitron.runtime.cpu_shims import _TorchOnCpu, apply_cpu_shims, cuda_type_names
+from nemo_minitron.runtime.cpu_shims import NoStream, _TorchOnCpu, apply_cpu_shims, cuda_type_names
 
 # Bridge modules that create tensors on device="cuda" on the training / evaluation path.
 _CUDA_FACTORY_MODULES = (
@@ -56,13 +56,6 @@ def patched(target, name: str, value):
             delattr(target, name)
         else:
             setattr(target, name, old)
-
-
-class _NoStream:
-    """A CUDA stream stand-in: CPU work is already ordered."""
-
-    def wait_stream(self, other) -> None:
-        pass
 
 
 def _barrier_without_device_ids(barrier):
@@ -97,8 +90,8 @@ def bridge_cpu():
             stack.enter_context(patched(importlib.import_module(module_name), "torch", cpu_torch))
         for name, value in (("memory_allocated", lambda *a, **k: 0), ("max_memory_allocated", lambda *a, **k: 0),
                             ("reset_peak_memory_stats", lambda *a, **k: None),
-                            ("empty_cache", lambda *a, **k: None), ("Stream", lambda *a, **k: _NoStream()),
-                            ("current_stream", lambda *a, **k: _NoStream()),
+                            ("empty_cache", lambda *a, **k: None), ("Stream", lambda *a, **k: NoStream()),
+                            ("current_stream", lambda *a, **k: NoStream()),
                             ("stream", lambda *a, **k: contextlib.nullcontext()),
                             ("get_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
                             ("set_rng_state", lambda *a, **k: None)):

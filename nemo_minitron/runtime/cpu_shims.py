@@ -12,7 +12,9 @@ so undoing them midway would break the objects still alive. A process with CUDA 
    (those modules see a ``torch`` whose factory functions map a CUDA device to "cpu");
 5. the optimizer's gradient clipping (which asserts CUDA grads) scales CPU grads by max_norm / (total_norm + 1e-6);
 6. ``Tensor.cuda()`` is the identity while a tied model (PP > 1) syncs its output-layer copy of the embedding;
-7. activation recompute's save / restore of the CUDA generator state does nothing (the CPU state is kept).
+7. activation recompute's save / restore of the CUDA generator state does nothing (the CPU state is kept);
+8. ``torch.cuda.current_stream()`` is a stream whose waits do nothing (Megatron-Core >= 0.17's gradient sync asks
+   for it unconditionally; CPU work is already ordered).
 Explicit attention masks are passed by our callers, so Megatron's default CUDA causal mask is never built.
 """
 
@@ -86,6 +88,16 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.utils",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
+
+
+class NoStream:
+    """A CUDA stream stand-in: CPU work is already ordered."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
 
 
 def _cuda_to_cpu(factory, *args, **kwargs):
@@ -168,6 +180,7 @@ def apply_cpu_shims() -> bool:
         language_module.LanguageModule.setup_embeddings_and_output_layer)
 
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_stream = lambda *a, **k: NoStream()
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.manual_seed = lambda *a, **k: None
     torch.cuda.manual_seed_all = lambda *a, **k: None
