@@ -53,8 +53,8 @@ def final_hidden_states(model, tokens: torch.Tensor, position_ids: torch.Tensor,
     GPTModel.forward returns the decoder's output (which includes the final norm) when post_process is False, so
     post_process is switched off for this call only. The unwrapped model is called, so Float16Module does not cast
     the hidden states to float32. hidden @ output_weight^T (gathered along s under sequence parallelism) equals the
-    model's logits, transposed to [s, b, V/TP]. The weight's module has its forward pre-hooks run (run_forward_pre_hooks),
-    as if its forward had been called.
+    model's logits, transposed to [s, b, V/TP]. The weight's module has its forward pre-hooks run
+    (run_forward_pre_hooks), as if its forward had been called.
     """
     gpt = unwrap(model)
     if not gpt.post_process:

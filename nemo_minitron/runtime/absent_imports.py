@@ -1,8 +1,8 @@
 """Serve placeholder modules for GPU-only packages to the few third-party modules that import them unconditionally.
 
 Megatron-Bridge imports Transformer Engine at module level in its LoRA layers (reached from ``import
-megatron.bridge``) and NVIDIA's resiliency extension in its training entry point, and Megatron-Core imports triton at module level in a few inference kernels (reached from
-Bridge's Mamba provider). Neither is used on a CPU run. ``absent_imports()`` replaces ``builtins.__import__`` while
+megatron.bridge``) and NVIDIA's resiliency extension in its training entry point, and Megatron-Core imports triton at
+module level in a few inference kernels (reached from Bridge's Mamba provider). None is used on a CPU run. ``absent_imports()`` replaces ``builtins.__import__`` while
 it is open so that exactly the importers named in ``IMPORTERS`` receive a placeholder; every other module still
 gets ImportError (Megatron-Core's own ``try: import transformer_engine`` probes keep HAVE_TE = False), nothing is
 put in ``sys.modules``, and the original ``__import__`` is back when the block ends.
