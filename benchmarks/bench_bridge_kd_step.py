@@ -146,5 +146,6 @@ def main() -> None:
            repeats=REPEATS, steps_per_run=STEPS, warmup_steps_dropped=WARMUP, batch=f"{BATCH}x{SEQ}",
            arch=ARCH.to_dict(), threads=torch.get_num_threads())
 
+
 if __name__ == "__main__":
     main()

@@ -70,7 +70,7 @@ def split_overrides(overrides: list[str], command: str) -> tuple[list[str], list
         path = key.lstrip("+~")
         if path in TRAINING_ALIASES:
             if command not in STAGE_SECTIONS:
-                raise ValueError(f"{path}: {command!r} runs several training stages; set the stage's own key "
+                raise ValueError(f"{path}: {command!r} is not one training stage; set the training stage's own key "
                                  f"instead (distill.{TRAINING_ALIASES[path]} or correct.{TRAINING_ALIASES[path]})")
             recipe.append(f"{STAGE_SECTIONS[command]}.{TRAINING_ALIASES[path]}={value}")
         elif path in ALIASES:

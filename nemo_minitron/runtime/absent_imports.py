@@ -2,10 +2,11 @@
 
 Megatron-Bridge imports Transformer Engine at module level in its LoRA layers (reached from ``import
 megatron.bridge``) and NVIDIA's resiliency extension in its training entry point, and Megatron-Core imports triton at
-module level in a few inference kernels (reached from Bridge's Mamba provider). None is used on a CPU run. ``absent_imports()`` replaces ``builtins.__import__`` while
-it is open so that exactly the importers named in ``IMPORTERS`` receive a placeholder; every other module still
-gets ImportError (Megatron-Core's own ``try: import transformer_engine`` probes keep HAVE_TE = False), nothing is
-put in ``sys.modules``, and the original ``__import__`` is back when the block ends.
+module level in a few inference kernels (reached from Bridge's Mamba provider). None is used on a CPU run.
+``absent_imports()`` replaces ``builtins.__import__`` while it is open so that exactly the importers named in
+``IMPORTERS`` receive a placeholder; every other module still gets ImportError (Megatron-Core's own ``try: import
+transformer_engine`` probes keep HAVE_TE = False), nothing is put in ``sys.modules``, and the original
+``__import__`` is back when the block ends.
 
 A placeholder answers any attribute: a capitalised name is a class that cannot be instantiated (so ``class
 X(te.Linear)`` and ``isinstance(y, te.Linear)`` work), a lower-case name another placeholder (``triton.jit`` as a

@@ -8,9 +8,9 @@ line of the one place Bridge assumes CUDA:
    flags, the training loop's loss reports, the evaluator, checkpointing) see a ``torch`` whose factories create
    them on the CPU;
 3. ``torch.cuda`` calls the loop makes for memory reports and streams are harmless (``memory_allocated`` and
-   ``max_memory_allocated`` return 0, ``reset_peak_memory_stats`` / ``empty_cache`` do nothing, ``Stream()`` and
-   ``current_stream()`` are a stream whose ``wait_stream`` does nothing, ``stream(s)`` is a null context, the CUDA
-   RNG state that checkpoints save is empty and restoring it does nothing);
+   ``max_memory_allocated`` return 0, ``reset_peak_memory_stats`` / ``empty_cache`` do nothing, ``Stream()`` is a
+   stream whose waits do nothing (as cpu_shims makes ``current_stream()``), ``stream(s)`` is a null context, the
+   CUDA RNG state that checkpoints save is empty and restoring it does nothing);
 4. ``torch.distributed.barrier(device_ids=...)`` drops the NCCL-only ``device_ids`` argument under gloo;
 5. ``compile_helpers`` (``make`` in Megatron-Core's source tree, absent from its wheel) is skipped: the wheel ships
    the compiled dataset helpers;
@@ -91,7 +91,6 @@ def bridge_cpu():
         for name, value in (("memory_allocated", lambda *a, **k: 0), ("max_memory_allocated", lambda *a, **k: 0),
                             ("reset_peak_memory_stats", lambda *a, **k: None),
                             ("empty_cache", lambda *a, **k: None), ("Stream", lambda *a, **k: NoStream()),
-                            ("current_stream", lambda *a, **k: NoStream()),
                             ("stream", lambda *a, **k: contextlib.nullcontext()),
                             ("get_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
                             ("set_rng_state", lambda *a, **k: None)):
